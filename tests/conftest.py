@@ -1,0 +1,52 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))  # for `import reference`
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+class TinyConvBN(nn.Module):
+    """Conv-BN-ReLU x2 with a stride, a residual-free head: input (2, 6, 6), 3 outputs."""
+
+    def __init__(self, k=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, k)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d=5, h=7, k=3, bias=True):
+        super().__init__()
+        self.fc1 = nn.Linear(d, h, bias=bias)
+        self.fc2 = nn.Linear(h, k, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.fixture
+def tiny_conv():
+    torch.manual_seed(0)
+    return TinyConvBN()
+
+
+@pytest.fixture
+def tiny_mlp():
+    torch.manual_seed(0)
+    return TinyMLP()
