@@ -128,7 +128,8 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
           seed: int = 0, scope: str = "global", schedule: str = "exponential",
           callback: Callable[[int, Masks, dict], None] | None = None, device=None,
           exclude: Iterable[str] = (), init_fn: Callable[[nn.Module], None] | None = None,
-          channels_last: bool | None = None, apply: bool = True, progress: bool = True) -> Masks:
+          redraw: bool = True, noise_inputs: bool = True, channels_last: bool | None = None,
+          apply: bool = True, progress: bool = True) -> Masks:
     """Prune ``model`` before training; returns the masks (:class:`Masks`).
 
     Runs Algorithm 1 of PAPER.md for ``method`` (a key of :data:`METHODS`): for
@@ -145,6 +146,10 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
     shape) by the others, or taken from ``data``. ``init_fn(module)`` re-draws
     weights for NTK-SAP (default: the paper's Kaiming-normal init, BN 1/0).
     ``callback(iteration, masks, scores)`` runs after each iteration.
+    NTK-SAP ablations: ``redraw=False`` scores with the model's own weights
+    for every batch; ``noise_inputs=False`` uses the inputs of ``data``
+    instead of Gaussian noise. ``channels_last`` (default: on for image
+    inputs) only changes the memory layout while scoring.
 
     The random draws come from ``seed`` (the caller's RNG state is restored);
     the same seed gives bit-identical masks on the CPU. Afterwards the model
@@ -184,12 +189,11 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
         raise ValueError(f"model: {type(model).__name__} has nothing prunable (no Conv/Linear weight"
                          f"{' outside exclude=' + repr(exclude) if exclude else ''})")
     device = _resolve_device(device)
-    batches = _materialise_data(data, method) if spec.needs_data else None
+    needs_data = spec.needs_data or not noise_inputs  # noise_inputs=False: NTK-SAP on real inputs
+    batches = _materialise_data(data, method) if (needs_data or data is not None) else None
     if input_shape is None:
         if batches is not None:
             input_shape = tuple(batches[0][0].shape[1:])
-        elif data is not None:
-            input_shape = tuple(_materialise_data(data, method)[0][0].shape[1:])
         else:
             raise ValueError(f"input_shape=None is not allowed for method={method!r} without data: "
                              "pass the shape of one input, e.g. input_shape=(3, 32, 32)")
@@ -206,7 +210,7 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
         data=[(x.to(device), y.to(device)) for x, y in batches] if batches else None,
         num_samples=num_samples if num_samples is not None else 10 * k_outputs,
         batch_size=batch_size, rounds=rounds, epsilon=float(epsilon), init_fn=init_fn,
-        channels_last=bool(channels_last),
+        channels_last=bool(channels_last), redraw=bool(redraw), noise_inputs=bool(noise_inputs),
     )
 
     # -- Algorithm 1 ----------------------------------------------------------------

@@ -44,6 +44,8 @@ class ScoreContext:
     init_fn: Callable[[nn.Module], None] | None = None
     channels_last: bool = False
     grasp_temperature: float = 200.0
+    redraw: bool = True
+    noise_inputs: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -247,6 +249,10 @@ def ntksap_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreConte
     order (weights, noise, perturbations in mask order) from the global torch
     RNG, which :func:`ntksap.prune` seeds. The 1/|D| factor does not change the
     ranking and is left out.
+
+    Ablations (PAPER.md section 6): ``ctx.redraw=False`` keeps the model's own
+    weights for every batch ("fixed weights"); ``ctx.noise_inputs=False`` uses
+    the inputs of ``ctx.data`` instead of noise ("real inputs").
     """
     from .models import kaiming_init
 
@@ -258,10 +264,18 @@ def ntksap_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreConte
     _, buffers = model_tensors(model, ctx.device, channels_last=cl)
     live = {n: _to_format(m.to(ctx.device), cl) for n, m in masks.items()}
     total = {n: torch.zeros_like(m) for n, m in live.items()}
+    if ctx.noise_inputs:
+        sizes = noise_batch_sizes(ctx.num_samples, ctx.batch_size)
+    else:
+        sizes = [x.shape[0] for x, _ in _require_data(ctx, "ntksap with noise_inputs=False")]
+    fixed = None if ctx.redraw else model_tensors(model, ctx.device, channels_last=cl)[0]
     for _ in range(ctx.rounds):
-        for b in noise_batch_sizes(ctx.num_samples, ctx.batch_size):
-            theta = redraw_weights(scratch, init_fn, ctx.device, cl)
-            z = _to_format(torch.randn((b, *ctx.input_shape)).to(ctx.device), cl)
+        for i, b in enumerate(sizes):
+            theta = redraw_weights(scratch, init_fn, ctx.device, cl) if ctx.redraw else fixed
+            if ctx.noise_inputs:
+                z = _to_format(torch.randn((b, *ctx.input_shape)).to(ctx.device), cl)
+            else:
+                z = _to_format(ctx.data[i][0], cl)
             delta = {n: ctx.epsilon * torch.randn(theta[n].shape).to(ctx.device) for n in live}
             delta = {n: _to_format(d, cl) for n, d in delta.items()}
             for n, g in ntksap_batch_mask_grad(model, theta, buffers, live, z, delta).items():

@@ -172,6 +172,25 @@ def test_custom_init_fn_is_used_for_redraws():
     assert len(calls) == 2 * 2 * 3  # iterations x batches x prunable modules
 
 
+def test_ntksap_ablation_switches():
+    torch.manual_seed(0)
+    model = TinyConvBN()
+    base = dict(sparsity=0.8, iterations=2, rounds=1, num_samples=8, batch_size=8)
+    noise = run("ntksap", copy.deepcopy(model), **base)
+    fixed = run("ntksap", copy.deepcopy(model), redraw=False, **base)
+    real = run("ntksap", copy.deepcopy(model), noise_inputs=False, data=fake_data(), **base)
+    for other in (fixed, real):
+        assert other.kept == noise.kept and any(not torch.equal(other[n], noise[n]) for n in noise)
+    # fixed weights: scores are those of the model's own weights, so a second model with other
+    # weights gives other masks, while redrawn scoring ignores the model's weights entirely
+    torch.manual_seed(1)
+    other_model = TinyConvBN()
+    assert all(torch.equal(run("ntksap", copy.deepcopy(other_model), **base)[n], noise[n]) for n in noise)
+    assert any(not torch.equal(run("ntksap", other_model, redraw=False, **base)[n], fixed[n]) for n in noise)
+    with pytest.raises(ValueError, match="data=None"):
+        run("ntksap", TinyConvBN(), noise_inputs=False, **base)
+
+
 def test_data_dependent_methods_use_the_data():
     torch.manual_seed(0)
     model = TinyConvBN()
