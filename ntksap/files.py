@@ -14,6 +14,14 @@ from pathlib import Path
 import torch
 
 
+def _umask_mode() -> int:
+    """Permissions a plainly created file would get (0666 less the umask);
+    ``mkstemp`` itself creates files readable by the owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename:
     ``path`` always holds either the old or the complete new content."""
@@ -25,6 +33,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -42,6 +51,7 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

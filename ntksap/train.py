@@ -1,0 +1,481 @@
+"""Training masked networks with the paper's protocol (PAPER.md section 5),
+resumably.
+
+``train(model, masks, bundle, config, out_dir)`` trains with SGD (momentum,
+optional Nesterov, weight decay) and a multi-step learning-rate schedule,
+keeping pruned weights exactly zero. After every epoch it writes, atomically:
+
+* ``out_dir/checkpoint.pt``: model, optimizer, scheduler, RNG states, epoch,
+  metrics so far and a fingerprint of the run (config, seed, dataset, masks,
+  initial weights). Rerunning after an interruption resumes from the last
+  complete epoch; on CPU the result equals an uninterrupted run bit for bit.
+* ``out_dir/history.csv``: one row per epoch: ``epoch, lr, train_loss,
+  train_acc, test_loss, test_top1, test_top5, epoch_time`` (seconds).
+
+At the end: ``out_dir/model.pt`` (final ``state_dict``) and
+``out_dir/metrics.json`` (``test_top1, test_top5, test_loss, best_test_top1,
+train_loss, train_acc, epochs, density, sparsity``). Accuracies are
+percentages (0-100) everywhere, as in the paper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Dataset, DeviceLoader, resolve_device
+from .files import atomic_torch_save, atomic_write_text
+from .masks import Masks, apply_masks, check_masks, enforce_masks_after_step, prunable_parameters
+
+HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_top1", "test_top5", "epoch_time"]
+OUTPUT_FILES = ("checkpoint.pt", "history.csv", "model.pt", "metrics.json")
+CHECKPOINT_FORMAT = "ntksap-train-checkpoint"
+CHECKPOINT_VERSION = 1
+PROGRESS_MIN_BATCHES = 50   # show a per-epoch batch bar when an epoch has at least this many batches
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or that belongs to a different run."""
+
+
+def _f(default, help: str):
+    """A dataclass field with a one-line description (``TrainConfig.help()``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run. The first block defines the
+    experiment (it is part of the checkpoint fingerprint); the second only
+    how fast it runs (it may change between a run and its resume)."""
+
+    epochs: int = _f(160, "passes over the training set (0: only evaluate the initial model)")
+    batch_size: int = _f(128, "training mini-batch size")
+    lr: float = _f(0.1, "initial learning rate of SGD")
+    momentum: float = _f(0.9, "SGD momentum, in [0, 1)")
+    nesterov: bool = _f(False, "Nesterov momentum")
+    weight_decay: float = _f(1e-4, "L2 weight decay, applied to all parameters")
+    milestones: tuple[int, ...] = _f((80, 120), "epochs after which the lr is multiplied by gamma")
+    gamma: float = _f(0.1, "lr factor at each milestone")
+    augment: bool = _f(True, "the dataset's standard training augmentation")
+    # -- execution only: may change between a run and its resume ------------------------
+    channels_last: bool | None = _f(None, "channels-last memory format (None: on)")
+    amp: bool | None = _f(None, "bf16 autocast (None: on for CUDA with bf16 support, off on a CPU)")
+    compile: bool = _f(False, "torch.compile the model (pays on long GPU runs; slow to compile on a CPU)")
+    num_workers: int = _f(8, "loader processes, at most one per CPU core (ImageNet only)")
+    eval_batch_size: int = _f(500, "batch size for evaluation")
+
+    EXECUTION_FIELDS = ("channels_last", "amp", "compile", "num_workers", "eval_batch_size")
+
+    def __post_init__(self):
+        if isinstance(self.milestones, (list, tuple)):
+            self.milestones = tuple(self.milestones)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> one-line description."""
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+    def validate(self) -> "TrainConfig":
+        """Raise ``ValueError`` naming the first bad field; return self."""
+        def bad(name, allowed):
+            return ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not allowed; {allowed}")
+
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.epochs) or self.epochs < 0:
+            raise bad("epochs", "use an integer >= 0 (0: evaluate at initialisation only)")
+        if not is_int(self.batch_size) or self.batch_size < 1:
+            raise bad("batch_size", "use a positive integer")
+        if not is_num(self.lr) or self.lr <= 0:
+            raise bad("lr", "use a finite number > 0")
+        if not is_num(self.momentum) or not 0 <= self.momentum < 1:
+            raise bad("momentum", "use a number in [0, 1)")
+        if not isinstance(self.nesterov, bool):
+            raise bad("nesterov", "use True or False")
+        if self.nesterov and self.momentum == 0:
+            raise bad("nesterov", "Nesterov needs momentum > 0")
+        if not is_num(self.weight_decay) or self.weight_decay < 0:
+            raise bad("weight_decay", "use a finite number >= 0")
+        ms = self.milestones
+        if (not isinstance(ms, tuple) or not all(is_int(m) for m in ms) or any(m < 1 for m in ms)
+                or list(ms) != sorted(set(ms))):
+            raise bad("milestones", "use strictly increasing positive integers")
+        if not is_num(self.gamma) or not 0 < self.gamma <= 1:
+            raise bad("gamma", "use a number in (0, 1]")
+        if not isinstance(self.augment, bool):
+            raise bad("augment", "use True or False")
+        for name in ("channels_last", "amp"):
+            if getattr(self, name) not in (None, True, False):
+                raise bad(name, "use None (auto), True or False")
+        if not isinstance(self.compile, bool):
+            raise bad("compile", "use True or False")
+        if not is_int(self.num_workers) or self.num_workers < 0:
+            raise bad("num_workers", "use an integer >= 0")
+        if not is_int(self.eval_batch_size) or self.eval_batch_size < 1:
+            raise bad("eval_batch_size", "use a positive integer")
+        return self
+
+    def experiment(self) -> dict:
+        """The fields that define the experiment (fingerprinted), as plain values."""
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k not in self.EXECUTION_FIELDS}
+
+    def resolve(self, device: torch.device) -> dict:
+        """Execution choices for ``device``: channels_last, amp (bool), compile."""
+        cuda = device.type == "cuda"
+        amp = self.amp
+        if amp is None:
+            amp = bool(cuda and torch.cuda.is_bf16_supported())
+        return {"channels_last": True if self.channels_last is None else self.channels_last,
+                "amp": amp, "compile": self.compile}
+
+
+def _protocol(**kw) -> TrainConfig:
+    return TrainConfig(**kw)
+
+
+#: The paper's training protocols (PAPER.md section 5), by dataset name; ``digits``
+#: is this project's quick protocol (15 epochs, a few seconds on one CPU core,
+#: about 99 % test accuracy for the dense digits net).
+PROTOCOLS: dict[str, TrainConfig] = {
+    "digits": _protocol(epochs=15, batch_size=64, lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
+                        milestones=(8, 12), gamma=0.1),
+    "cifar10": _protocol(epochs=160, batch_size=128, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
+                         milestones=(80, 120), gamma=0.1),
+    "cifar100": _protocol(epochs=160, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                          milestones=(60, 120), gamma=0.1),
+    "tiny_imagenet": _protocol(epochs=200, batch_size=256, lr=0.2, momentum=0.9, nesterov=False,
+                               weight_decay=5e-4, milestones=(100, 150), gamma=0.1),
+    # lr = 0.1 * batch / 256
+    "imagenet": _protocol(epochs=90, batch_size=256, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
+                          milestones=(30, 60, 80), gamma=0.1),
+}
+
+
+def protocol(dataset: str, **overrides) -> TrainConfig:
+    """A copy of ``PROTOCOLS[dataset]`` with ``overrides`` applied."""
+    if dataset not in PROTOCOLS:
+        raise ValueError(f"dataset={dataset!r} has no protocol; allowed: {sorted(PROTOCOLS)}")
+    return dataclasses.replace(PROTOCOLS[dataset], **overrides)
+
+
+# ==================================================================================
+# steps
+# ==================================================================================
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(amp))
+
+
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, amp: bool = False,
+                bar=None, max_batches: int | None = None) -> dict:
+    """One pass of SGD over ``loader``; returns ``dict(loss, acc, images)``
+    (mean cross-entropy, top-1 accuracy in %, images seen). ``model`` may be a
+    ``torch.compile`` wrapper; ``bar`` a tqdm bar advanced per batch."""
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        with _autocast(device, amp):
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (out.detach().argmax(1) == y).sum()
+        n += len(y)
+        if bar is not None:
+            bar.update(1)
+    return {"loss": loss_sum.item() / max(n, 1), "acc": 100.0 * correct.item() / max(n, 1), "images": n}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, amp: bool = False) -> dict:
+    """Mean cross-entropy and top-1 / top-5 accuracy (%) of ``model`` over
+    ``loader`` (batches of (x, y)), in eval mode: ``dict(loss, top1, top5)``.
+    With fewer than 5 classes, top-5 is top-k over all classes (100 %)."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    c1 = torch.zeros((), dtype=torch.int64, device=device)
+    c5 = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    for x, y in loader:
+        with _autocast(device, amp):
+            out = model(x)
+        out = out.float()
+        loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        hit = top == y.view(-1, 1)
+        c1 += hit[:, 0].sum()
+        c5 += hit.any(dim=1).sum()
+        n += len(y)
+    if n == 0:
+        raise ValueError("evaluate: the loader yielded no batches")
+    return {"loss": loss_sum.item() / n, "top1": 100.0 * c1.item() / n, "top5": 100.0 * c5.item() / n}
+
+
+# ==================================================================================
+# fingerprints, checkpoints
+# ==================================================================================
+def _hash_tensors(items) -> str:
+    h = hashlib.sha256()
+    for name, t in items:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+    return h.hexdigest()[:16]
+
+
+def _state_hash(model: nn.Module) -> str:
+    return _hash_tensors(sorted(model.state_dict().items()))
+
+
+def _fingerprint(model: nn.Module, masks: Masks | None, bundle: Dataset, config: TrainConfig, seed: int) -> dict:
+    """What makes a run this run: compared on resume, field by field."""
+    fp = {f"config.{k}": v for k, v in config.experiment().items()}
+    fp.update({
+        "seed": int(seed),
+        "dataset": f"{bundle.name} train={bundle.num_train} test={bundle.num_test} "
+                   f"labels={_hash_tensors([('y', bundle.train_labels), ('t', bundle.test_labels)])}",
+        "architecture": hashlib.sha256(repr([(k, tuple(v.shape)) for k, v in model.state_dict().items()])
+                                       .encode()).hexdigest()[:16],
+        "masks": "dense" if masks is None else _hash_tensors(sorted(masks.items())),
+        "initial_weights": _state_hash(model),
+    })
+    return fp
+
+
+def _describe_mismatch(saved: dict, now: dict) -> list[str]:
+    keys = sorted(set(saved) | set(now))
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate(state["python"])
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a training checkpoint (``weights_only``); raises :class:`CheckpointError`
+    naming the file when it is unreadable or not a training checkpoint."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint '{path}' is corrupt or unreadable ({type(exc).__name__}: {exc}). It was left "
+            f"untouched; move or delete it to start this run again from scratch.") from exc
+    keys = {"format", "version", "epoch", "fingerprint", "model", "optimizer", "scheduler", "rng", "history"}
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not keys <= set(state):
+        raise CheckpointError(f"'{path}' is not an ntksap training checkpoint (format {CHECKPOINT_FORMAT} "
+                              f"v{CHECKPOINT_VERSION}); it was left untouched. Move or delete it to start again.")
+    if state["version"] != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint '{path}' has version {state['version']}, this code reads "
+                              f"{CHECKPOINT_VERSION}; move or delete it to start again.")
+    return state
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def _density(model: nn.Module, masks: Masks | None) -> float:
+    """Fraction of prunable weights kept (1.0 for a dense run)."""
+    params = prunable_parameters(model)
+    total = sum(p.numel() for p in params.values())
+    if masks is None or total == 0:
+        return 1.0
+    kept = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
+    return kept / total
+
+
+def _check_masked(model: nn.Module, masks: Masks | None) -> None:
+    if masks is None:
+        return
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        p = params[name].detach()
+        if bool((p[m.to(p.device) == 0] != 0).any()):
+            raise RuntimeError(f"pruned weights of '{name}' are not zero after training (mask not enforced)")
+
+
+def _write_outputs(out_dir: Path, model: nn.Module, history: list[dict], density: float,
+                   final: bool, at_init: dict | None = None) -> pd.DataFrame:
+    df = pd.DataFrame(history, columns=HISTORY_COLUMNS)
+    atomic_write_text(df.to_csv(index=False), out_dir / "history.csv")
+    if final:
+        atomic_torch_save(_cpu_state(model), out_dir / "model.pt")
+        if history:
+            last = history[-1]
+        else:  # epochs == 0: the untrained model's test metrics
+            last = {"epoch": 0, "test_top1": at_init["top1"], "test_top5": at_init["top5"],
+                    "test_loss": at_init["loss"], "train_loss": float("nan"), "train_acc": float("nan")}
+        metrics = {"test_top1": last["test_top1"], "test_top5": last["test_top5"], "test_loss": last["test_loss"],
+                   "best_test_top1": max([r["test_top1"] for r in history] or [last["test_top1"]]),
+                   "train_loss": last["train_loss"], "train_acc": last["train_acc"], "epochs": int(last["epoch"]),
+                   "density": density, "sparsity": 1.0 - density}
+        metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        atomic_write_text(json.dumps(metrics, indent=1, allow_nan=False) + "\n", out_dir / "metrics.json")
+    return df
+
+
+# ==================================================================================
+# the trainer
+# ==================================================================================
+def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig, out_dir, seed: int = 0,
+          device=None, progress: bool = True) -> pd.DataFrame:
+    """Train ``model`` (masked by ``masks``; ``None`` = dense) on
+    ``dataset_bundle`` with ``config``; write checkpoints and metrics to
+    ``out_dir`` (see the module docstring) and return the per-epoch history.
+
+    The data order and augmentation of epoch ``e`` depend only on ``(seed, e)``.
+    A compatible checkpoint in ``out_dir`` is resumed; a finished run is
+    returned (its final weights loaded into ``model``) without retraining; a
+    checkpoint of a different run (other config, seed, data, masks or initial
+    weights) raises :class:`CheckpointError` listing the differences. The
+    returned frame has ``attrs["resumed_from_epoch"]`` (0 for a fresh start).
+    On return ``model`` holds the final weights, in eval mode, on ``device``.
+    """
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    config.validate()
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed={seed!r} must be an integer")
+    if not isinstance(dataset_bundle, Dataset):
+        raise ValueError(f"dataset_bundle must be an ntksap.data.Dataset, got {type(dataset_bundle).__name__}")
+    if masks is not None:
+        masks = masks if isinstance(masks, Masks) else Masks(masks)
+        check_masks(model, masks)
+    device = resolve_device(device)
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoint.pt"
+    run = config.resolve(device)
+
+    fingerprint = _fingerprint(model, masks, dataset_bundle, config, seed)
+    state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    if state is not None:
+        saved = dict(state["fingerprint"])
+        if saved.get("initial_weights") != fingerprint["initial_weights"] and \
+                state.get("final_weights") == fingerprint["initial_weights"]:
+            saved["initial_weights"] = fingerprint["initial_weights"]   # this model already holds the result
+        diff = _describe_mismatch(saved, fingerprint)
+        if diff:
+            raise CheckpointError(f"checkpoint '{ckpt_path}' belongs to a different run; refusing to mix runs. "
+                                  f"Differences: {'; '.join(diff)}. Use another out_dir, or move the old one.")
+
+    for name in OUTPUT_FILES:  # temporary files of writes cut short by a kill (see files.atomic_*)
+        for tmp in out_dir.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    model.to(device)
+    if run["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    handle = apply_masks(model, masks) if masks is not None else None
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                          weight_decay=config.weight_decay)
+    opt_hook = enforce_masks_after_step(opt, model, masks) if masks is not None else None
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(config.milestones), gamma=config.gamma)
+    history: list[dict] = []
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        history = [dict(r) for r in state["history"]]
+        start = int(state["epoch"])
+        if progress and start < config.epochs:
+            tqdm.write(f"resuming '{out_dir}' from epoch {start}/{config.epochs}")
+
+    n_train = dataset_bundle.num_train
+    train_loader = DeviceLoader(dataset_bundle, "train", config.batch_size,
+                                augment=None if config.augment else False, seed=seed, device=device,
+                                drop_last=(n_train % config.batch_size == 1), channels_last=run["channels_last"],
+                                num_workers=config.num_workers)
+    test_loader = DeviceLoader(dataset_bundle, "test", config.eval_batch_size, augment=False, seed=seed,
+                               device=device, channels_last=run["channels_last"], num_workers=config.num_workers)
+    net = torch.compile(model) if run["compile"] else model
+    density = _density(model, masks)
+
+    try:
+        show_batches = progress and len(train_loader) >= PROGRESS_MIN_BATCHES
+        epochs = tqdm(range(start, config.epochs), desc=f"train {dataset_bundle.name}", initial=start,
+                      total=config.epochs, disable=not progress or start >= config.epochs, unit="epoch")
+        for epoch in epochs:
+            t0 = time.perf_counter()
+            lr = opt.param_groups[0]["lr"]
+            train_loader.set_epoch(epoch)
+            with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}", leave=False, disable=not show_batches,
+                      unit="batch") as bar:
+                tr = train_epoch(net, train_loader, opt, amp=run["amp"], bar=bar)
+            if not math.isfinite(tr["loss"]):
+                raise FloatingPointError(f"training diverged: mean loss {tr['loss']} in epoch {epoch + 1} "
+                                         f"(lr {lr}); the checkpoint of epoch {epoch} is kept")
+            ev = evaluate(net, test_loader, amp=run["amp"])
+            sched.step()
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
+                   "test_loss": ev["loss"], "test_top1": ev["top1"], "test_top5": ev["top5"],
+                   "epoch_time": time.perf_counter() - t0}
+            history.append(row)
+            ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch + 1,
+                    "fingerprint": fingerprint, "model": _cpu_state(model), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": _rng_state(), "history": history,
+                    "final_weights": _state_hash(model) if epoch + 1 == config.epochs else None}
+            atomic_torch_save(ckpt, ckpt_path)
+            _write_outputs(out_dir, model, history, density, final=False)
+            epochs.set_postfix(loss=f"{tr['loss']:.3f}", top1=f"{ev['top1']:.2f}")
+        _check_masked(model, masks)
+    finally:
+        if handle is not None:
+            handle.remove()
+        if opt_hook is not None:
+            opt_hook.remove()
+    model.eval()
+    finished_before = start >= config.epochs > 0
+    if finished_before and all((out_dir / f).exists() for f in ("model.pt", "metrics.json", "history.csv")):
+        df = pd.DataFrame(history, columns=HISTORY_COLUMNS)      # nothing to do: leave the files alone
+    else:
+        at_init = evaluate(net, test_loader, amp=run["amp"]) if config.epochs == 0 else None
+        df = _write_outputs(out_dir, model, history, density, final=True, at_init=at_init)
+    df.attrs["resumed_from_epoch"] = start
+    return df
