@@ -498,9 +498,23 @@ def _read_local(spec: DatasetSpec, path: Path):
         f"{len(pickles)} pickle batch files, {len(images['train'])} train and {len(images['test'])} test images")
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR's python batches that only rebuilds numpy arrays
+    (and plain containers): a crafted batch cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are allowed)")
+
+
 def _unpickle(content: bytes, where: str) -> dict:
     try:
-        d = pickle.loads(content, encoding="bytes")
+        d = _ArrayUnpickler(io.BytesIO(content), encoding="bytes").load()
     except Exception as exc:
         raise ValueError(f"cannot read CIFAR batch '{where}': {exc}") from exc
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}

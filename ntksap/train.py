@@ -364,7 +364,7 @@ def _write_outputs(out_dir: Path, model: nn.Module, history: list[dict], density
 # the trainer
 # ==================================================================================
 def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig, out_dir, seed: int = 0,
-          device=None, progress: bool = True) -> pd.DataFrame:
+          device=None, progress: bool = True, distributed=None) -> pd.DataFrame:
     """Train ``model`` (masked by ``masks``; ``None`` = dense) on
     ``dataset_bundle`` with ``config``; write checkpoints and metrics to
     ``out_dir`` (see the module docstring) and return the per-epoch history.
@@ -376,6 +376,11 @@ def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig,
     weights) raises :class:`CheckpointError` listing the differences. The
     returned frame has ``attrs["resumed_from_epoch"]`` (0 for a fresh start).
     On return ``model`` holds the final weights, in eval mode, on ``device``.
+
+    ``distributed``: ``None`` (one process) or a hook object such as
+    :class:`ntksap.distributed.DDPHook` with ``world_size``, ``rank``,
+    ``wrap(model) -> net``, ``shard(batches)`` (this rank's part of each global
+    batch) and ``reduce(train_metrics) -> train_metrics``; only rank 0 writes.
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -393,6 +398,9 @@ def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig,
     run = config.resolve(device)
 
     fingerprint = _fingerprint(model, masks, dataset_bundle, config, seed)
+    writer = distributed is None or distributed.rank == 0
+    if distributed is not None:
+        fingerprint["world_size"] = int(distributed.world_size)
     state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     if state is not None:
         saved = dict(state["fingerprint"])
@@ -404,7 +412,7 @@ def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig,
             raise CheckpointError(f"checkpoint '{ckpt_path}' belongs to a different run; refusing to mix runs. "
                                   f"Differences: {'; '.join(diff)}. Use another out_dir, or move the old one.")
 
-    for name in OUTPUT_FILES:  # temporary files of writes cut short by a kill (see files.atomic_*)
+    for name in OUTPUT_FILES if writer else ():  # temporary files of writes cut short by a kill
         for tmp in out_dir.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
     model.to(device)
@@ -434,7 +442,10 @@ def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig,
                                 num_workers=config.num_workers)
     test_loader = DeviceLoader(dataset_bundle, "test", config.eval_batch_size, augment=False, seed=seed,
                                device=device, channels_last=run["channels_last"], num_workers=config.num_workers)
-    net = torch.compile(model) if run["compile"] else model
+    net = distributed.wrap(model) if distributed is not None else model
+    net = torch.compile(net) if run["compile"] else net
+    # evaluation runs without the DDP wrapper (no collectives; every rank sees the whole test set)
+    eval_net = net if distributed is None else (torch.compile(model) if run["compile"] else model)
     density = _density(model, masks)
 
     try:
@@ -447,11 +458,14 @@ def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig,
             train_loader.set_epoch(epoch)
             with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}", leave=False, disable=not show_batches,
                       unit="batch") as bar:
-                tr = train_epoch(net, train_loader, opt, amp=run["amp"], bar=bar)
+                batches = distributed.shard(train_loader) if distributed is not None else train_loader
+                tr = train_epoch(net, batches, opt, amp=run["amp"], bar=bar)
+                if distributed is not None:
+                    tr = distributed.reduce(tr)
             if not math.isfinite(tr["loss"]):
                 raise FloatingPointError(f"training diverged: mean loss {tr['loss']} in epoch {epoch + 1} "
                                          f"(lr {lr}); the checkpoint of epoch {epoch} is kept")
-            ev = evaluate(net, test_loader, amp=run["amp"])
+            ev = evaluate(eval_net, test_loader, amp=run["amp"])
             sched.step()
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
                    "test_loss": ev["loss"], "test_top1": ev["top1"], "test_top5": ev["top5"],
@@ -461,8 +475,9 @@ def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig,
                     "fingerprint": fingerprint, "model": _cpu_state(model), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "rng": _rng_state(), "history": history,
                     "final_weights": _state_hash(model) if epoch + 1 == config.epochs else None}
-            atomic_torch_save(ckpt, ckpt_path)
-            _write_outputs(out_dir, model, history, density, final=False)
+            if writer:
+                atomic_torch_save(ckpt, ckpt_path)
+                _write_outputs(out_dir, model, history, density, final=False)
             epochs.set_postfix(loss=f"{tr['loss']:.3f}", top1=f"{ev['top1']:.2f}")
         _check_masked(model, masks)
     finally:
@@ -472,10 +487,11 @@ def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig,
             opt_hook.remove()
     model.eval()
     finished_before = start >= config.epochs > 0
-    if finished_before and all((out_dir / f).exists() for f in ("model.pt", "metrics.json", "history.csv")):
+    if not writer or finished_before and all((out_dir / f).exists()
+                                             for f in ("model.pt", "metrics.json", "history.csv")):
         df = pd.DataFrame(history, columns=HISTORY_COLUMNS)      # nothing to do: leave the files alone
     else:
-        at_init = evaluate(net, test_loader, amp=run["amp"]) if config.epochs == 0 else None
+        at_init = evaluate(eval_net, test_loader, amp=run["amp"]) if config.epochs == 0 else None
         df = _write_outputs(out_dir, model, history, density, final=True, at_init=at_init)
     df.attrs["resumed_from_epoch"] = start
     return df

@@ -1,0 +1,127 @@
+"""DistributedDataParallel training (ntksap.distributed) for real: 2 CPU
+processes on the gloo backend launched by torchrun, on a digits subset."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ntksap import Masks, data, train
+from ntksap.distributed import masks_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import _ddp_child  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, timeout=180):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    data.get_dataset("digits", root=root)        # cache once, before the ranks start
+    return root
+
+
+def _random_masks(model, density=0.5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return Masks({n: (torch.rand(m.shape, generator=g) < density).float() for n, m in Masks.ones_like(model).items()})
+
+
+def test_ddp_two_gloo_ranks_equal_one_process_run(data_root, tmp_path):
+    """Same masks on both ranks, pruned weights zero, identical weights on the
+    ranks, and the result equals a one-process run with the same global batch
+    (BatchNorm-free net: per-rank BN statistics would differ by design)."""
+    torch.set_num_threads(1)
+    masks = _random_masks(_ddp_child.no_bn_model())
+    masks.save(tmp_path / "mask.pt")
+    _torchrun([str(ROOT / "tests" / "_ddp_child.py"), str(tmp_path), str(data_root), str(tmp_path / "mask.pt")])
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["digest"] == ranks[1]["digest"] == masks_digest(masks)
+    assert ranks[0]["pruned_zero"] and ranks[1]["pruned_zero"]
+    s0, s1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k                     # DDP keeps the replicas in lockstep
+
+    # the independent reference: the plain one-process trainer, same global batch of 64
+    model = _ddp_child.no_bn_model()
+    ref = train.train(model, masks, _ddp_child.small_digits(data_root), train.protocol("digits", **_ddp_child.CONFIG),
+                      tmp_path / "single", seed=3, device="cpu", progress=False)
+    ddp = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert ddp.train_loss.iloc[1] < ddp.train_loss.iloc[0]
+    # tolerance: float sums in another order (two shard means averaged vs one mean)
+    assert ddp.train_loss.tolist() == pytest.approx(ref.train_loss.tolist(), rel=1e-4)
+    assert ddp.test_loss.tolist() == pytest.approx(ref.test_loss.tolist(), rel=1e-4)
+    single = model.state_dict()
+    for k in single:
+        torch.testing.assert_close(s0[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
+    disk = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    for k in disk:
+        assert torch.equal(disk[k], s0[k]), k                   # rank 0 wrote its weights
+
+
+def test_ddp_cli_trains_a_saved_mask_and_resumes(data_root, tmp_path):
+    """`torchrun -m ntksap.distributed` on digits_cnn (with BatchNorm): loss
+    decreases, pruned weights stay zero, only rank 0 writes, and a rerun
+    returns the finished run without training again."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    from ntksap import build_model
+    masks = _random_masks(build_model("digits_cnn", 10), density=0.3)
+    masks.save(tmp_path / "mask.pt")
+    out = tmp_path / "run"
+    args = ["-m", "ntksap.distributed", "--masks", str(tmp_path / "mask.pt"), "--model", "digits_cnn",
+            "--dataset", "digits", "--device", "cpu", "--backend", "gloo", "--data-root", str(data_root),
+            "--out-dir", str(out), "--epochs", "2", "--milestones", "1", "--train-subset", "512", "--test-subset", "200"]
+    r = _torchrun(args)
+    line = json.loads([s for s in r.stdout.splitlines() if s.startswith("{")][-1])
+    assert line["world_size"] == 2 and line["masks_sha256"] == masks_digest(masks)
+    assert line["density"] == pytest.approx(masks.density, abs=1e-12)
+    hist = pd.read_csv(out / "history.csv")
+    assert len(hist) == 2 and hist.train_loss.iloc[1] < hist.train_loss.iloc[0]
+    state = torch.load(out / "model.pt", weights_only=True)
+    for n, m in masks.items():
+        assert bool((state[n][m == 0] == 0).all()), n
+        assert bool((state[n][m == 1] != 0).any()), n
+    ckpt = train.load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and ckpt["fingerprint"]["world_size"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "history.csv", "metrics.json", "model.pt"]
+    mtime = (out / "model.pt").stat().st_mtime_ns
+    _torchrun(args)                                             # finished: nothing is retrained or rewritten
+    assert (out / "model.pt").stat().st_mtime_ns == mtime
+    assert pd.read_csv(out / "history.csv").equals(hist)
+
+
+def test_ddp_cli_help_and_refuses_plain_launch(capsys, monkeypatch):
+    from ntksap import distributed
+    with pytest.raises(SystemExit) as e:
+        distributed.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "torchrun" in out and "--masks" in out and "--out-dir" in out
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit, match="launch with torchrun"):
+        distributed.main(["--masks", "m.pt", "--model", "digits_cnn", "--dataset", "digits", "--out-dir", "x"])
