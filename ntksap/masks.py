@@ -106,8 +106,12 @@ class Masks(dict):
     def save(self, path: str | os.PathLike) -> None:
         """Write the masks atomically (temporary file, then rename) as a plain
         ``dict`` of CPU tensors that ``torch.load(path, weights_only=True)`` reads,
-        plus a small JSON summary beside it (``<path>.json``)."""
+        plus a small JSON summary beside it (``<path>.json``, advisory: it is
+        written second). Temporaries left by an earlier interrupted save are removed."""
         path = Path(path)
+        if path.parent.is_dir():
+            for stale in [*path.parent.glob(f".{path.name}.*.tmp"), *path.parent.glob(f".{path.name}.json.*.tmp")]:
+                stale.unlink(missing_ok=True)
         atomic_torch_save({n: m.cpu() for n, m in self.items()}, path)
         summary = {"kept": self.kept, "numel": self.numel, "density": self.density,
                    "layers": {n: {"kept": int(m.sum()), "numel": m.numel()} for n, m in self.items()}}
