@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from .masks import PRUNABLE_TYPES
@@ -124,10 +123,19 @@ class DigitsNet(nn.Module):
 # -- torchvision ResNets -------------------------------------------------------------
 def _resnet18_tiny(num_classes: int) -> nn.Module:
     """torchvision ResNet-18 for 64x64 Tiny-ImageNet: 3x3 stride-1 stem, no max-pool."""
+    import torchvision  # imported lazily: it costs seconds at every notebook start
+
     model = torchvision.models.resnet18(num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
+
+
+def _torchvision(name: str, num_classes: int) -> nn.Module:
+    """A torchvision ImageNet architecture (imported lazily)."""
+    import torchvision
+
+    return getattr(torchvision.models, name)(num_classes=num_classes)
 
 
 MODELS: dict[str, tuple[Callable[[int], nn.Module], tuple[int, int, int]]] = {
@@ -136,8 +144,8 @@ MODELS: dict[str, tuple[Callable[[int], nn.Module], tuple[int, int, int]]] = {
     "resnet20": (lambda k: CifarResNet(20, 16, num_classes=k), (3, 32, 32)),
     "vgg16_bn": (lambda k: CifarVGG(VGG16_PLAN, num_classes=k), (3, 32, 32)),
     "resnet18_tiny": (_resnet18_tiny, (3, 64, 64)),
-    "resnet18": (lambda k: torchvision.models.resnet18(num_classes=k), (3, 224, 224)),
-    "resnet50": (lambda k: torchvision.models.resnet50(num_classes=k), (3, 224, 224)),
+    "resnet18": (lambda k: _torchvision("resnet18", k), (3, 224, 224)),
+    "resnet50": (lambda k: _torchvision("resnet50", k), (3, 224, 224)),
 }
 
 

@@ -1,0 +1,200 @@
+"""The parameter schema, its validation messages and the named experiment sets."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ntksap import config
+from ntksap.config import ParamsError, compose, experiment_sets, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_SPARSITIES = [1 - 0.8 ** k for k in range(2, 19, 2)]  # PAPER.md section 2
+PAPER_SETS = {"quick", "cifar10_resnet20", "cifar100_vgg16", "tiny_imagenet_resnet18", "imagenet_resnet18",
+              "imagenet_resnet50", "spectrum_resnet20", "ablation_T", "ablation_epsilon", "ablation_R",
+              "ablation_noise_vs_data", "ablation_fixed_weights"}
+
+
+@pytest.fixture(scope="module")
+def quick():
+    return compose("quick")
+
+
+def test_every_paper_result_has_a_named_set_that_validates():
+    sets = experiment_sets()
+    assert PAPER_SETS <= set(sets)
+    for name in sets:
+        data = compose(name)
+        params = parse_params(data, name)
+        assert params.experiment == name  # results/<name>: sets never share a folder
+        assert sets[name], f"{name} has no description line"
+
+
+def test_committed_params_yaml_is_the_quick_set(quick):
+    on_disk = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert on_disk == quick
+    p = load_params(ROOT / "params.yaml")
+    assert p.experiment == "quick" and p.dataset == "digits" and p.model == "digits_cnn"
+    assert {r.method for r in p.runs.values()} == {"random", "magnitude", "snip", "iterative_snip", "grasp",
+                                                   "synflow", "ntksap"}
+    assert len(p.sparsities) >= 5 and max(p.sparsities) >= 0.98 and len(p.seeds) == 2
+
+
+def test_dvc_composes_the_same_params_as_config_compose(tmp_path, quick):
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(config.CONF_DIR), None, "config", "", ["experiment=cifar10_resnet20", "train.epochs=7"])
+    assert yaml.safe_load(out.read_text()) == compose("cifar10_resnet20", ["train.epochs=7"])
+    compose_and_dump(out, str(config.CONF_DIR), None, "config", "", [])  # no override: the default set
+    assert yaml.safe_load(out.read_text()) == quick
+
+
+def test_named_sets_hold_the_papers_values():
+    c10 = parse_params(compose("cifar10_resnet20"))
+    assert c10.sparsities == pytest.approx(PAPER_SPARSITIES, abs=5e-7) and c10.seeds == [0, 1, 2]
+    t = c10.train
+    assert (t.epochs, t.batch_size, t.lr, t.momentum, t.nesterov, t.weight_decay, t.milestones, t.gamma) == \
+        (160, 128, 0.1, 0.9, False, 1e-4, [80, 120], 0.1)
+    ntk = c10.runs["ntksap"]
+    assert (ntk.iterations, ntk.rounds, ntk.epsilon) == (20, 5, 0.01)
+    assert c10.runs["synflow"].iterations == 100 and c10.runs["iterative_snip"].iterations == 100
+    c100 = parse_params(compose("cifar100_vgg16"))
+    assert c100.model == "vgg16_bn" and c100.train.nesterov and c100.train.weight_decay == 5e-4
+    assert c100.train.milestones == [60, 120] and (c100.runs["ntksap"].iterations, c100.runs["ntksap"].rounds) == (100, 1)
+    tiny = parse_params(compose("tiny_imagenet_resnet18"))
+    assert (tiny.train.epochs, tiny.train.batch_size, tiny.train.lr, tiny.train.milestones) == (200, 256, 0.2, [100, 150])
+    for arch in ("resnet18", "resnet50"):
+        im = parse_params(compose(f"imagenet_{arch}"))
+        assert im.model == arch and im.seeds == [0] and im.train.epochs == 90
+        assert im.sparsities == pytest.approx([1 - 0.8 ** 10, 1 - 0.8 ** 14], abs=5e-7)  # 89.26 %, 95.60 %
+        assert "dense" in im.runs  # Table 1 reports the dense net
+    fig2 = parse_params(compose("spectrum_resnet20"))
+    assert fig2.spectrum.sparsity == pytest.approx(1 - 0.8 ** 6, abs=5e-7) and fig2.spectrum.num_inputs == 100
+    assert [r.iterations for r in parse_params(compose("ablation_T")).runs.values()] == [1, 2, 4, 10, 20]
+    assert {r.weights for r in parse_params(compose("ablation_fixed_weights")).runs.values()} == {"redraw", "fixed"}
+    assert {r.inputs for r in parse_params(compose("ablation_noise_vs_data")).runs.values()} == {"noise", "data"}
+    eps = [r.epsilon for r in parse_params(compose("ablation_epsilon")).runs.values()]
+    assert max(eps) / min(eps) >= 1e3  # orders of magnitude
+    assert len({r.rounds for r in parse_params(compose("ablation_R")).runs.values()}) >= 3
+
+
+def _bad(quick, path, value):
+    data = copy.deepcopy(quick)
+    *head, last = path
+    node = data
+    for k in head:
+        node = node[k]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    with pytest.raises(ParamsError) as exc:
+        parse_params(data)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("path,value,expected", [
+    (("runs", "ntksap", "method"), "ntk_sap", ["runs.ntksap.method", "'ntk_sap'", "allowed", "ntksap", "synflow",
+                                               "did you mean 'ntksap'"]),
+    (("model",), "resnet21", ["model", "'resnet21'", "resnet20", "vgg16_bn", "digits_cnn"]),
+    (("dataset",), "mnist", ["dataset", "'mnist'", "digits", "cifar10", "imagenet"]),
+    (("sparsities",), [0.5, 1.0], ["sparsities[1]", "1.0", "[0, 1)"]),
+    (("sparsities",), [-0.1, 0.5], ["sparsities[0]", "-0.1", "[0, 1)"]),
+    (("sparsities",), [0.5, 0.5], ["sparsities", "without repeats"]),
+    (("train", "epochs"), -1, ["train.epochs", "-1", "integer >= 0"]),
+    (("train", "epochs"), 2.5, ["train.epochs", "2.5", "integer >= 0"]),
+    (("train", "lr"), 0, ["train.lr", "a number > 0"]),
+    (("seeds",), [True], ["seeds[0]", "True", "integer >= 0"]),
+    (("seeds",), [], ["seeds", "non-empty"]),
+    (("prune", "scope"), "layerwise", ["prune.scope", "'layerwise'", "global", "local"]),
+    (("prune", "track", "mode"), "eigen", ["prune.track.mode", "'eigen'", "spectrum", "trace", "none"]),
+    (("experiment",), "../elsewhere", ["experiment", "'../elsewhere'", "letters, digits and _"]),
+    (("runs",), {"my-run": {"method": "snip"}}, ["runs", "'my-run'", "letters, digits and _"]),
+    (("runs",), {}, ["runs", "non-empty mapping"]),
+    (("train", "epochs"), KeyError, ["missing key 'train.epochs'", "integer >= 0"]),
+    (("spectrum", "sparsity"), 0.5, ["spectrum.sparsity", "0.5", "one of sparsities"]),
+    (("spectrum", "seed"), 7, ["spectrum.seed", "7", "one of seeds"]),
+    (("runs", "snip", "epsilon"), 0.1, ["runs.snip.epsilon", "0.1", "'snip'", "NTK-SAP setting"]),
+    (("runs", "random", "weights"), "fixed", ["runs.random.weights", "'fixed'", "NTK-SAP setting"]),
+    (("runs", "ntksap", "iterations"), 0, ["runs.ntksap.iterations", "0", "integer >= 1"]),
+])
+def test_bad_values_are_rejected_naming_key_value_and_what_is_allowed(quick, path, value, expected):
+    msg = _bad(quick, path, value)
+    assert msg.startswith("params.yaml: ")
+    for piece in expected:
+        assert piece in msg, f"{piece!r} not in {msg!r}"
+
+
+@pytest.mark.parametrize("path,typo,right", [
+    (("prune",), "batch_sise", "prune.batch_size"),
+    ((), "sparsites", "sparsities"),
+    (("train",), "epoch", "train.epochs"),
+    (("runs", "ntksap"), "itertions", "runs.ntksap.iterations"),
+])
+def test_a_typo_in_a_key_is_rejected_with_the_closest_key(quick, path, typo, right):
+    data = copy.deepcopy(quick)
+    node = data
+    for k in path:
+        node = node[k]
+    node[typo] = 3
+    with pytest.raises(ParamsError) as exc:
+        parse_params(data)
+    msg = str(exc.value)
+    prefix = ".".join([*path, typo])
+    assert f"unknown key '{prefix}'" in msg and f"did you mean '{right.rsplit('.', 1)[-1]}'" in msg
+    assert "allowed keys" in msg and "3" in msg
+
+
+def test_defaults_fill_in_and_values_are_normalised(quick):
+    data = copy.deepcopy(quick)
+    del data["plot"]
+    del data["prune"]["track"]
+    data["train"]["lr"] = 1  # an int where a float is expected is fine
+    p = parse_params(data)
+    assert p.plot.density_sparsity is None and p.prune.track.mode == "spectrum"
+    assert isinstance(p.train.lr, float) and p.train.lr == 1.0
+    assert p.runs["ntksap"].weights == "redraw" and p.runs["ntksap"].inputs == "noise"
+
+
+def test_render_params_round_trips_every_named_set():
+    for name in experiment_sets():
+        data = compose(name)
+        text = config.render_params(data, config.PARAMS_HEADER.format(name=name))
+        assert yaml.safe_load(text) == data
+        assert "# training epochs" in text  # every knob carries its description
+
+
+def test_cli_check_stamps_only_valid_params(tmp_path, quick, capsys):
+    good, bad, stamp = tmp_path / "good.yaml", tmp_path / "bad.yaml", tmp_path / "out" / "ok"
+    good.write_text(yaml.safe_dump(quick))
+    assert config.main(["check", str(good), "--stamp", str(stamp)]) == 0
+    assert stamp.read_text() == "params valid\n"
+    stamp.unlink()
+    broken = copy.deepcopy(quick)
+    broken["runs"]["snip"]["method"] = "snipp"
+    bad.write_text(yaml.safe_dump(broken))
+    assert config.main(["check", str(bad), "--stamp", str(stamp)]) == 2
+    err = capsys.readouterr().err
+    assert "runs.snip.method='snipp'" in err and "allowed" in err
+    assert not stamp.exists()
+    assert config.main(["check", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_cli_compose_writes_a_valid_commented_params_file(tmp_path):
+    out = tmp_path / "params.yaml"
+    assert config.main(["compose", "ablation_T", "train.epochs=3", "-o", str(out)]) == 0
+    p = load_params(out)
+    assert p.experiment == "ablation_T" and p.train.epochs == 3
+    assert out.read_text().startswith("# Parameters of the pipeline")
+    assert config.main(["compose", "no_such_set", "-o", str(out)]) == 2
+    assert load_params(out).experiment == "ablation_T"  # a failure leaves the file as it was
+
+
+def test_hydra_refuses_an_override_of_an_unknown_key():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="batch_sise"):
+        compose("quick", ["prune.batch_sise=3"])
+
