@@ -3,14 +3,19 @@
 independent per-output-unit backward loop (and, unless ``--no-jacrev``, a
 straightforward ``torch.func.vmap(jacrev)`` + ``J @ J.T``), side by side.
 
-Each timed call runs in a fresh child process (runs of the implementations
-interleaved, ``--repeat`` rounds, the best time reported, since the machine
-may be shared), so its peak memory is its own: on the CPU the process's peak
-resident set size minus its size just before the call; on CUDA
-``torch.cuda.max_memory_allocated`` minus the memory held before. Every
-implementation is warmed up on 2 inputs first. All three use the same BatchNorm semantics (batch statistics of
-the 100 inputs, unbiased variance, then eval mode), so their matrices must
-agree; the relative Frobenius difference to the loop is printed.
+Each timed call runs in a fresh child process, so its peak memory is its own:
+on the CPU the process's peak resident set size minus its size just before the
+call; on CUDA ``torch.cuda.max_memory_allocated`` minus the memory held
+before. The implementations' runs are interleaved over ``--repeat`` rounds and
+the best time is reported (the machine may be shared; with several threads a
+busy CPU slows every parallel region, so ``--threads 1`` gives steadier
+numbers). Every implementation is warmed up on 2 inputs first.
+
+All three use the same BatchNorm semantics (batch statistics of the inputs,
+unbiased variance, then eval mode), so their matrices must agree. The float32
+ResNet-20 at initialisation amplifies rounding (its float32 NTK differs from
+the float64 one by ~1e-3 relative, for every implementation), so agreement is
+also checked in float64 on a few inputs, where it is exact to rounding.
 
     python benchmarks/ntk_speed.py                 # CPU (or CUDA when available)
     python benchmarks/ntk_speed.py --device cpu --repeat 3 --threads 1 --sparsity 0.738
@@ -127,11 +132,7 @@ def run_child(impl: str, args) -> None:
     model = ntksap.build_model(args.model, num_classes=10).to(device)
     x = torch.randn(args.n, *ntksap.default_input_shape(args.model), generator=torch.Generator().manual_seed(1))
     x = x.to(device)
-    masks = None
-    if args.sparsity > 0:
-        g = torch.Generator().manual_seed(2)
-        masks = ntksap.Masks({n: (torch.rand(p.shape, generator=g) >= args.sparsity).float()
-                              for n, p in ntksap.prunable_parameters(model).items()})
+    masks = random_masks(model, args.sparsity)
     fn = {"ours": lambda xs: ntk.empirical_ntk(model, xs, masks),
           "loop": lambda xs: loop_ntk(model, xs, masks),
           "jacrev": lambda xs: jacrev_ntk(model, xs, masks)}[impl]
@@ -157,6 +158,31 @@ def run_child(impl: str, args) -> None:
                       "threads": torch.get_num_threads()}))
 
 
+def float64_check(args) -> float:
+    """Relative Frobenius difference of ours and the loop in float64 on a few inputs."""
+    import ntksap
+    from ntksap import ntk
+
+    torch.manual_seed(0)
+    model = ntksap.build_model(args.model, num_classes=10).double()
+    x = torch.randn(args.check64, *ntksap.default_input_shape(args.model), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    masks = random_masks(model, args.sparsity)
+    ref = loop_ntk(model, x, masks)
+    return float((ntk.empirical_ntk(model, x, masks) - ref).norm() / ref.norm())
+
+
+def random_masks(model: torch.nn.Module, sparsity: float):
+    """Random masks of the given sparsity over the prunable weights (None when 0)."""
+    import ntksap
+
+    if sparsity <= 0:
+        return None
+    g = torch.Generator().manual_seed(2)
+    return ntksap.Masks({n: (torch.rand(p.shape, generator=g) >= sparsity).float()
+                         for n, p in ntksap.prunable_parameters(model).items()})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="resnet20")
@@ -167,6 +193,7 @@ def main() -> None:
     ap.add_argument("--no-jacrev", action="store_true", help="skip the vmap(jacrev) baseline")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (default 0: torch's default)")
     ap.add_argument("--sparsity", type=float, default=0.0, help="random masks of this sparsity (default 0: dense)")
+    ap.add_argument("--check64", type=int, default=4, help="inputs for the float64 agreement check (default 4)")
     ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -174,6 +201,8 @@ def main() -> None:
         ap.error(f"--n={args.n} must be >= 1")
     if args.repeat < 1:
         ap.error(f"--repeat={args.repeat} must be >= 1")
+    if args.check64 < 1:
+        ap.error(f"--check64={args.check64} must be >= 1")
     if args.threads < 0:
         ap.error(f"--threads={args.threads} must be >= 0")
     if not 0 <= args.sparsity < 1:
@@ -185,8 +214,8 @@ def main() -> None:
     runs = {impl: [] for impl in impls}
     thetas = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeat):  # interleaved, so a busy machine slows all alike
-            for impl in impls:
+        for r in range(args.repeat):  # interleaved, in a rotating order, so a busy machine slows all alike
+            for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
                 out = os.path.join(tmp, f"{impl}.pt") if r == 0 else ""
                 cmd = [sys.executable, __file__, "--child", impl, "--out", out, "--model", args.model,
                        "--n", str(args.n), "--device", args.device, "--sparsity", str(args.sparsity),
@@ -210,6 +239,10 @@ def main() -> None:
         all_runs = ", ".join(f"{r['seconds']:.2f}" for r in runs[impl])
         peak = max(r["peak"] for r in runs[impl]) / 2**20
         print(f"{names[impl]:<16}{best[impl]:>10.2f}{all_runs:>24}{peak:>16.0f}{diff:>20.2e}")
+    if "jacrev" in thetas:
+        print(f"rel. diff ntksap.ntk to vmap(jacrev) (float32): "
+              f"{float((thetas['ours'] - thetas['jacrev']).norm() / thetas['jacrev'].norm()):.2e}")
+    print(f"rel. diff ntksap.ntk to loop in float64 ({args.check64} inputs): {float64_check(args):.2e}")
     if "jacrev" in best:
         print(f"vs vmap(jacrev): {best['jacrev'] / best['ours']:.2f}x")
     print(f"speed-up: {best['loop'] / best['ours']:.2f}x")

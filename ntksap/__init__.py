@@ -9,7 +9,10 @@ The whole public surface::
 
 Modules: ``masks`` (mask sets), ``scores`` (one score function per method and
 the registry ``METHODS``), ``pruning`` (the iterative loop and ``prune``),
-``models`` (the paper's networks).
+``models`` (the paper's networks), ``data`` (datasets and device-side loaders),
+``train`` (the resumable trainer), ``ntk`` (NTK matrices, spectra, traces),
+``distributed`` (DDP training via torchrun), ``config``/``pipeline`` (the DVC
+pipeline's parameters and helpers).
 """
 
 from .masks import Masks, apply_masks, enforce_masks_after_step, from_torch_prune, prunable_parameters, to_torch_prune

@@ -44,11 +44,15 @@ def prunable_modules(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str,
 
 
 def prunable_parameters(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Parameter]:
-    """Parameter name (as in ``model.named_parameters()``) -> prunable weight."""
-    return {
-        (f"{name}.weight" if name else "weight"): m.weight
-        for name, m in prunable_modules(model, exclude).items()
-    }
+    """Parameter name (as in ``model.named_parameters()``) -> prunable weight.
+    A weight shared by several modules is listed once, under its first name."""
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for name, m in prunable_modules(model, exclude).items():
+        if id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            out[f"{name}.weight" if name else "weight"] = m.weight
+    return out
 
 
 class Masks(dict):

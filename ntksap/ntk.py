@@ -375,7 +375,8 @@ class _PerSampleNTK:
         self.cols = {n: (eff[n].numel() if self.index[n] is None else int(self.index[n].numel())) for n in scope}
         self.canonical = {id(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
         self.active = False
-        self.inputs: dict[str, Tensor] = {}
+        self.clone_inputs = self.changed = False
+        self.inputs: dict[str, tuple[Tensor, int]] = {}
         self.taps: dict[str, Tensor] = {}
         self.blocks, self.fallback, self.k = self._plan()
         self.chunk = chunk_size or self._auto_chunk()
@@ -436,14 +437,16 @@ class _PerSampleNTK:
 
     # the tap hook ---------------------------------------------------------------------------
     def _hook(self, mod, args, output, name):
-        """Records the module's input (a copy: later in-place ops must not change it)
-        and adds the zero tap whose gradient is the gradient at the module's output."""
+        """Records the module's input (and its version, or a copy once an in-place op
+        has been seen to change one later) and adds the zero tap whose gradient is
+        the gradient at the module's output."""
         if not self.active:
             return None
         if output.shape != self.taps[name].shape:
             raise RuntimeError(f"module '{name}' gave an output of shape {tuple(output.shape)} on this chunk, "
                                f"expected {tuple(self.taps[name].shape)}; it is not per-sample")
-        self.inputs[name] = args[0].detach().clone()
+        a = args[0].detach()
+        self.inputs[name] = (a.clone() if self.clone_inputs else a, a._version)
         return output + self.taps[name]
 
     def _local(self, b: _Block) -> dict[str, Tensor]:
@@ -485,12 +488,16 @@ class _PerSampleNTK:
                 missing = [b.name for b in self.blocks if b.name not in self.inputs]
                 if missing:
                     raise RuntimeError(f"modules {missing} ran in the probe pass but not on this chunk")
-                return out.reshape(s, -1), self.inputs
+                self.changed = any(a._version != v for a, v in self.inputs.values())
+                return out.reshape(s, -1), {n: a for n, (a, _) in self.inputs.items()}
 
             # the chunk's inputs are independent, so the gradient of sum_i f_ic at a tap is
             # the per-sample gradient of each f_ic: one vjp, vmapped over the k output units
             out, pullback, inputs = vjp(f, taps, has_aux=True)
             self.taps, self.inputs = {}, {}
+            if self.changed and not self.clone_inputs:  # a module input was changed in place after use:
+                self.clone_inputs = True           # redo this chunk with copies of the inputs
+                return self._run_chunk(lo, hi)
             eye = torch.eye(k, device=xs.device, dtype=out.dtype)
             grads = vmap(pullback)(eye.unsqueeze(1).expand(k, s, k))[0]  # name -> (k, s, *out_shape)
             del out, pullback
@@ -846,11 +853,14 @@ def plot_spectra(frame: pd.DataFrame, ax=None, hue: str = "label"):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    if ax is None:
+    new_figure = ax is None
+    if new_figure:
         _, ax = plt.subplots(figsize=(5.0, 3.5))
     data = frame[frame["eigenvalue"] > 0]
     sns.lineplot(data=data, x="index", y="eigenvalue", hue=hue, ax=ax, linewidth=1.2)
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue index (descending)")
     ax.set_ylabel("NTK eigenvalue")
+    if new_figure:
+        ax.figure.tight_layout()
     return ax

@@ -159,3 +159,10 @@ def test_layer_flops_dense_resnet20():
     assert fl["blocks.3.shortcut.0.weight"][0] == 16 * 16 * 32 * 16
     total = sum(d for d, _ in fl.values())
     assert 40e6 < total < 42e6  # ResNet-20 is ~41 M MACs
+
+
+def test_shared_weight_is_listed_once():
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    assert list(ntksap.prunable_parameters(model)) == ["0.weight"]
+    apply_masks(model, Masks.ones_like(model))
