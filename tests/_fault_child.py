@@ -12,13 +12,14 @@ and ``done`` at the end.
 """
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import ntksap
 from ntksap import Masks, build_model, data, train
+
+from _slow_loader import slow_down_loader
 
 SPARSITY, ITERATIONS = 0.9, 60
 
@@ -39,15 +40,7 @@ CONFIG = dict(epochs=4, milestones=(2,))
 
 
 def run_train(out, root, sleep=0.0):
-    if sleep:
-        original = data.DeviceLoader.__iter__
-
-        def slow_iter(self):
-            for batch in original(self):
-                time.sleep(sleep)
-                yield batch
-
-        data.DeviceLoader.__iter__ = slow_iter
+    slow_down_loader(sleep)
     model, masks = masked_model()
     return train.train(model, masks, small_digits(root), train.protocol("digits", **CONFIG), out, seed=7,
                        device="cpu", progress=False)

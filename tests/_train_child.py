@@ -10,25 +10,18 @@ down so that the parent can kill it mid-run.
 
 import json
 import sys
-import time
 
 import torch
 
 from ntksap import Masks, build_model, data, train
 
+from _slow_loader import slow_down_loader
+
 out_dir, data_root, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sleep = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 torch.set_num_threads(1)
 
-if sleep:
-    original = data.DeviceLoader.__iter__
-
-    def slow_iter(self):
-        for batch in original(self):
-            time.sleep(sleep)
-            yield batch
-
-    data.DeviceLoader.__iter__ = slow_iter
+slow_down_loader(sleep)
 
 bundle = data.get_dataset("digits", root=data_root)
 torch.manual_seed(0)

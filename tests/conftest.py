@@ -41,6 +41,16 @@ class TinyMLP(nn.Module):
 
 
 @pytest.fixture
+def one_thread():
+    """The nets of the training tests are tiny: one thread is fastest, and it does
+    not collapse when the two shared cores are busy (OpenMP threads wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_conv():
     torch.manual_seed(0)
     return TinyConvBN()

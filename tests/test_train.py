@@ -25,14 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The nets here are tiny: one thread is fastest, and it does not collapse
-    when the two shared cores are busy (OpenMP threads wait on each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
