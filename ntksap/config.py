@@ -155,6 +155,25 @@ class Optional(Check):
             self.fail(key, value)
 
 
+class Either(Check):
+    """One of fixed words (e.g. ``auto``) or what ``inner`` allows."""
+
+    def __init__(self, words: Sequence[str], inner: Check):
+        self.words, self.inner = list(words), inner
+
+    @property
+    def allowed(self) -> str:
+        return " or ".join(repr(w) for w in self.words) + f" or {self.inner.allowed}"
+
+    def __call__(self, key, value):
+        if isinstance(value, str) and value in self.words:
+            return value
+        try:
+            return self.inner(key, value)
+        except ParamsError:
+            self.fail(key, value)
+
+
 class ListOf(Check):
     def __init__(self, inner: Check, nonempty: bool = True, unique: bool = True, increasing: bool = False):
         self.inner, self.nonempty, self.unique, self.increasing = inner, nonempty, unique, increasing
@@ -337,6 +356,9 @@ class Train:
                                  "100,150 / 30,60,80)", ListOf(Int(1), nonempty=False, increasing=True))
     gamma: float = knob(0.1, "lr factor at each milestone (paper: 0.1)", Float(0, 1, low_open=True))
     augment: bool = knob(True, "the dataset's training augmentation (paper: crop + flip; digits: none)", Bool())
+    processes: int | str = knob(1, "training processes: more than 1 launches DistributedDataParallel with torchrun, "
+                                "one per GPU (gloo on a CPU); auto = one per visible GPU (1 without); batch_size "
+                                "is the global batch", Either(["auto"], Int(1)))
 
 
 @dataclass(kw_only=True)

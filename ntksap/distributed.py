@@ -107,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset name (ntksap.data.DATASETS)")
     p.add_argument("--out-dir", required=True, help="run folder (checkpoints, history.csv, model.pt, metrics.json)")
     p.add_argument("--data-root", default="data", help="dataset cache folder")
+    p.add_argument("--local-path", default=None, help="a local copy of the dataset (archive or folder)")
+    p.add_argument("--no-download", action="store_true", help="a missing dataset is an error, not a download")
+    p.add_argument("--init", default=None,
+                   help="state dict (torch.save, e.g. a prune stage's init.pt) to start from, instead of --init-seed")
+    p.add_argument("--train-config", default=None,
+                   help="JSON file of TrainConfig fields over the dataset's protocol (the pipeline writes one)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--batch-size", type=int, default=None, help="override the protocol's global batch size")
     p.add_argument("--milestones", type=int, nargs="*", default=None, help="override the lr milestones")
@@ -119,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="gloo or nccl (default: nccl on CUDA, else gloo)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (CUDA only)")
     p.add_argument("--timeout", type=float, default=600, help="collective timeout in seconds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (rank 0 shows them otherwise)")
     return p
 
 
@@ -147,22 +154,29 @@ def main(argv=None) -> dict:
     dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout))
     try:
         rank = dist.get_rank()
-        bundle = data.get_dataset(args.dataset, root=args.data_root) if rank == 0 else None
+        def load():
+            return data.get_dataset(args.dataset, root=args.data_root, local_path=args.local_path,
+                                    download=not args.no_download)
+
+        bundle = load() if rank == 0 else None
         dist.barrier()                                       # rank 0 downloads / caches first
         if rank != 0:
-            bundle = data.get_dataset(args.dataset, root=args.data_root)
+            bundle = load()
         if args.train_subset or args.test_subset:
             bundle = data.subset(bundle, train=args.train_subset, test=args.test_subset, seed=args.seed)
         torch.manual_seed(args.init_seed)
         model = build_model(args.model, bundle.num_classes)
+        if args.init is not None:                            # every rank reads it; DDP also broadcasts rank 0's
+            model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
         masks = broadcast_masks(Masks.load(args.masks) if rank == 0 else None)
-        over = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size,
-                                  "milestones": None if args.milestones is None else tuple(args.milestones)}.items()
-                if v is not None}
+        over = json.loads(Path(args.train_config).read_text()) if args.train_config else {}
+        over.update({k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size,
+                                       "milestones": None if args.milestones is None else tuple(args.milestones)
+                                       }.items() if v is not None})
         config = train.protocol(args.dataset, **over)
         hook = DDPHook(device, sync_bn=args.sync_bn)
         train.train(model, masks, bundle, config, args.out_dir, seed=args.seed, device=device,
-                    progress=rank == 0, distributed=hook)
+                    progress=rank == 0 and not args.no_progress, distributed=hook)
         dist.barrier()                                       # rank 0's files are complete
         metrics = json.loads((Path(args.out_dir) / "metrics.json").read_text())
         if rank == 0:

@@ -7,8 +7,11 @@ Layout of ``results/<experiment>/`` (``dvc.yaml`` writes the same paths)::
     params.ok                        the check stage passed
     prune/<run>-<seed>/              prune.ipynb (executed), init.pt (the original init),
                                      masks/<tag>.pt, masks.csv, density.csv, track.csv, scores.csv
-    train/<run>-<seed>/              train.ipynb, <tag>/ (checkpoint.pt, model.pt, history.csv,
-                                     metrics.json), results.csv, history.csv
+    train/<run>-<seed>/              train.ipynb, <tag>/ (model.pt, history.csv, metrics.json),
+                                     results.csv, history.csv
+    checkpoints/<run>-<seed>/        <tag>-<key>/: where training runs and resumes (checkpoint.pt after
+                                     every epoch); not a DVC output, so `dvc repro` after an interruption
+                                     resumes instead of starting over; safe to delete to free space
     spectrum/                        spectrum.ipynb, eigenvalues.csv, summary.csv, ntk_spectrum.png/pdf
     plots/                           plot.ipynb, accuracy.csv, table.md/csv, figures (png, pdf),
                                      accuracy/<run>.csv and curves/<run>.csv for `dvc plots`
@@ -274,12 +277,32 @@ def prune_run(cfg: Params, run: str, seed: int, out_dir: str | os.PathLike, devi
 # -- the train stage --------------------------------------------------------------------------
 def train_config(cfg: Params):
     """The trainer's config (``ntksap.train.TrainConfig``): the dataset's
-    protocol (``train.PROTOCOLS``) with the values of ``params.yaml: train``."""
+    protocol (``train.PROTOCOLS``) with the values of ``params.yaml: train``
+    (all but ``processes``, which says how many processes run it)."""
     import dataclasses
 
     from .train import protocol
 
-    return protocol(cfg.dataset, **dataclasses.asdict(cfg.train))
+    values = dataclasses.asdict(cfg.train)
+    values.pop("processes")
+    return protocol(cfg.dataset, **values)
+
+
+def checkpoints_dir(cfg: Params, run: str, seed: int) -> Path:
+    """Where the train stage keeps its resumable runs, outside DVC's outputs
+    (DVC deletes a stage's outputs before running it again)."""
+    return results_dir(cfg) / "checkpoints" / f"{run}-{seed}"
+
+
+def resume_key(fingerprint: dict, processes: int) -> str:
+    """16 hex digits naming one training run: a hash of the trainer's
+    fingerprint (``ntksap.train.fingerprint``: config, seed, dataset, masks,
+    initial weights) and the number of processes. A changed parameter gives a
+    new key, so a stale checkpoint is never resumed or overwritten."""
+    import hashlib
+
+    text = json.dumps({"fingerprint": fingerprint, "processes": int(processes)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _evaluate_at_init(model, masks, bundle, tc, seed: int, out_dir: Path, device=None) -> None:
@@ -300,23 +323,108 @@ def _evaluate_at_init(model, masks, bundle, tc, seed: int, out_dir: Path, device
     atomic_write_text(pd.DataFrame(columns=HISTORY_COLUMNS).to_csv(index=False), out_dir / "history.csv")
 
 
+def resolve_processes(processes: int | str, device=None) -> int:
+    """``train.processes`` as a number for this machine (``auto``: one per
+    visible GPU, 1 on a CPU); refuses a count that cannot run here, before
+    any work."""
+    import torch
+
+    from .data import resolve_device
+
+    device = resolve_device(device)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if processes == "auto":
+        return max(gpus, 1)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"train.processes={processes!r} is not allowed; use an integer >= 1 or 'auto'")
+    if processes > 1 and device.type == "cuda" and processes > gpus:
+        raise ValueError(f"train.processes={processes} is not allowed here: DistributedDataParallel runs one "
+                         f"process per GPU and this machine has {gpus}; use at most that many, or 'auto'")
+    return processes
+
+
+def torchrun_command(cfg: Params, processes: int, masks: Path, init: Path, train_json: Path, seed: int,
+                     out_dir: Path, device=None) -> list[str]:
+    """The ``torchrun`` command line (``python -m torch.distributed.run``) that
+    trains one pruned network with ``processes`` DDP processes on this machine."""
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "ntksap.distributed", "--masks", str(masks), "--init", str(init), "--model", cfg.model,
+           "--dataset", cfg.dataset, "--train-config", str(train_json), "--seed", str(seed),
+           "--out-dir", str(out_dir), "--data-root", str(cfg.data.root), "--no-progress"]
+    if cfg.data.local_path:
+        cmd += ["--local-path", str(cfg.data.local_path)]
+    if not cfg.data.download:
+        cmd.append("--no-download")
+    if device is not None:
+        cmd += ["--device", str(device).split(":")[0]]
+    return cmd
+
+
+def _train_distributed(cfg: Params, processes: int, masks: Path, init: Path, tc, seed: int, out_dir: Path,
+                       device=None) -> None:
+    """Train one pruned network with ``torchrun`` and ``processes`` DDP
+    processes into ``out_dir`` (``ntksap.distributed``); its output is printed
+    (so it lands in the executed notebook); a failure raises with its tail."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    import ntksap
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(tc).items()}
+    atomic_write_text(json.dumps(values, indent=1) + "\n", out_dir / "train_config.json")
+    env = dict(os.environ)
+    package_root = str(Path(ntksap.__file__).resolve().parents[1])   # the same ntksap in every process
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    cmd = torchrun_command(cfg, processes, masks, init, out_dir / "train_config.json", seed, out_dir, device)
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = proc.stdout[-6000:]
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed training ({processes} processes) failed with exit code {proc.returncode}; "
+                           f"its checkpoint in '{out_dir}' is kept for a resume. Output:\n{tail}")
+    sys.stdout.write(tail)
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Copy the finished run's files from its resume folder ``src`` into the
+    stage output ``dst`` (each file atomically)."""
+    from .files import atomic_copy
+
+    for name in ("history.csv", "metrics.json", "model.pt"):
+        atomic_copy(src / name, dst / name)
+
+
 def train_run(cfg: Params, run: str, seed: int, prune_dir: str | os.PathLike, out_dir: str | os.PathLike,
-              device=None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+              device=None, progress: bool = False,
+              checkpoints: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every pruned network of one run and seed from its original init.
 
     Reads ``prune_dir`` (``init.pt``, ``masks.csv``, ``masks/``), trains with
-    :func:`train_config` into ``out_dir/<tag>/`` (``ntksap.train.train``: checkpoint,
-    history, metrics, model) and writes ``results.csv`` (one row per sparsity,
+    :func:`train_config` and writes ``out_dir/<tag>/`` (``history.csv``,
+    ``metrics.json``, ``model.pt``), ``results.csv`` (one row per sparsity,
     the final metrics) and ``history.csv`` (per epoch and sparsity). With
-    ``train.epochs: 0`` the networks are only evaluated at init.
-    Returns (results, history).
+    ``train.epochs: 0`` the networks are only evaluated at init. Returns
+    (results, history).
+
+    Training happens in ``checkpoints/<tag>-<key>/`` (default
+    :func:`checkpoints_dir`; ``key``: :func:`resume_key`), where the trainer
+    writes its checkpoint after every epoch: a run stopped by anything,
+    ``dvc repro`` included, resumes there from its last epoch, and a finished
+    one is not trained again. ``train.processes > 1`` trains each network with
+    DistributedDataParallel under ``torchrun`` (:mod:`ntksap.distributed`).
     """
     import torch
 
     from .masks import Masks
-    from .train import HISTORY_COLUMNS, train
+    from .train import HISTORY_COLUMNS, fingerprint, train
 
     src, out = Path(prune_dir), Path(out_dir)
+    processes = resolve_processes(cfg.train.processes, device)
+    resume_root = Path(checkpoints) if checkpoints is not None else checkpoints_dir(cfg, run, seed)
     bundle = load_dataset(cfg)
     tc = train_config(cfg)
     init = torch.load(src / "init.pt", map_location="cpu", weights_only=True)
@@ -328,13 +436,17 @@ def train_run(cfg: Params, run: str, seed: int, prune_dir: str | os.PathLike, ou
         masks = Masks.load(src / row.path)
         if tc.epochs == 0:
             _evaluate_at_init(model, masks, bundle, tc, seed, out / row.tag, device)
-            hist = pd.DataFrame(columns=HISTORY_COLUMNS)
         else:
-            hist = train(model, masks, bundle, tc, out / row.tag, seed=seed, device=device, progress=progress)
+            work = resume_root / f"{row.tag}-{resume_key(fingerprint(model, masks, bundle, tc, seed), processes)}"
+            if processes > 1:
+                _train_distributed(cfg, processes, src / row.path, src / "init.pt", tc, seed, work, device)
+            else:
+                train(model, masks, bundle, tc, work, seed=seed, device=device, progress=progress)
+            _publish(work, out / row.tag)
         metrics = json.loads((out / row.tag / "metrics.json").read_text())
         results.append({"sparsity": row.sparsity, "tag": row.tag, "density": row.density,
                         **{k: v for k, v in metrics.items() if k not in ("density", "sparsity")}})
-        hist = pd.DataFrame(hist)
+        hist = pd.read_csv(out / row.tag / "history.csv") if tc.epochs else pd.DataFrame(columns=HISTORY_COLUMNS)
         hist.insert(0, "sparsity", row.sparsity)
         histories.append(hist)
     res, hist = pd.DataFrame(results), pd.concat(histories, ignore_index=True)

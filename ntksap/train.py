@@ -255,7 +255,7 @@ def _state_hash(model: nn.Module) -> str:
     return _hash_tensors(sorted(model.state_dict().items()))
 
 
-def _fingerprint(model: nn.Module, masks: Masks | None, bundle: Dataset, config: TrainConfig, seed: int) -> dict:
+def fingerprint(model: nn.Module, masks: Masks | None, bundle: Dataset, config: TrainConfig, seed: int) -> dict:
     """What makes a run this run: compared on resume, field by field."""
     fp = {f"config.{k}": v for k, v in config.experiment().items()}
     fp.update({
@@ -397,17 +397,17 @@ def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig,
     ckpt_path = out_dir / "checkpoint.pt"
     run = config.resolve(device)
 
-    fingerprint = _fingerprint(model, masks, dataset_bundle, config, seed)
+    fp = fingerprint(model, masks, dataset_bundle, config, seed)
     writer = distributed is None or distributed.rank == 0
     if distributed is not None:
-        fingerprint["world_size"] = int(distributed.world_size)
+        fp["world_size"] = int(distributed.world_size)
     state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     if state is not None:
         saved = dict(state["fingerprint"])
-        if saved.get("initial_weights") != fingerprint["initial_weights"] and \
-                state.get("final_weights") == fingerprint["initial_weights"]:
-            saved["initial_weights"] = fingerprint["initial_weights"]   # this model already holds the result
-        diff = _describe_mismatch(saved, fingerprint)
+        if saved.get("initial_weights") != fp["initial_weights"] and \
+                state.get("final_weights") == fp["initial_weights"]:
+            saved["initial_weights"] = fp["initial_weights"]   # this model already holds the result
+        diff = _describe_mismatch(saved, fp)
         if diff:
             raise CheckpointError(f"checkpoint '{ckpt_path}' belongs to a different run; refusing to mix runs. "
                                   f"Differences: {'; '.join(diff)}. Use another out_dir, or move the old one.")
@@ -472,7 +472,7 @@ def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig,
                    "epoch_time": time.perf_counter() - t0}
             history.append(row)
             ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch + 1,
-                    "fingerprint": fingerprint, "model": _cpu_state(model), "optimizer": opt.state_dict(),
+                    "fingerprint": fp, "model": _cpu_state(model), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "rng": _rng_state(), "history": history,
                     "final_weights": _state_hash(model) if epoch + 1 == config.epochs else None}
             if writer:

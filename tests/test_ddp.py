@@ -125,3 +125,53 @@ def test_ddp_cli_help_and_refuses_plain_launch(capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(SystemExit, match="launch with torchrun"):
         distributed.main(["--masks", "m.pt", "--model", "digits_cnn", "--dataset", "digits", "--out-dir", "x"])
+
+
+def test_ddp_train_stage_launches_torchrun_when_train_processes_is_2(data_root, tmp_path, monkeypatch):
+    """The pipeline's train stage (``pipeline.train_run``) with
+    ``train.processes: 2`` trains every pruned net with 2 DDP processes: the
+    checkpoint says world size 2, pruned weights stay zero, the nets learn, the
+    stage output holds the results; a rerun trains nothing again; 1 process uses
+    another resume folder (its key differs)."""
+    from ntksap import config, pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    params = config.compose("micro", ["train.epochs=2", "train.processes=2", "prune.track.mode=none"])
+    params["data"]["root"] = str(data_root)
+    cfg = config.parse_params(params)
+    pipeline.prune_run(cfg, "magnitude", 0, tmp_path / "p")
+    res, hist = pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t", checkpoints=tmp_path / "ck")
+    assert res["tag"].tolist() == ["sp50_00", "sp90_00"] and len(hist) == 2 * 2
+    assert (res["test_top1"] > 50).all()                      # 10 classes: chance is 10 %
+    work = sorted((tmp_path / "ck").iterdir())
+    assert [p.name.split("-")[0] for p in work] == ["sp50_00", "sp90_00"]
+    for row, folder in zip(res.itertuples(), work):
+        ckpt = train.load_checkpoint(folder / "checkpoint.pt")
+        assert ckpt["fingerprint"]["world_size"] == 2 and ckpt["epoch"] == 2
+        masks = Masks.load(tmp_path / "p" / "masks" / f"{row.tag}.pt")
+        state = torch.load(tmp_path / "t" / row.tag / "model.pt", weights_only=True)
+        for n, m in masks.items():
+            assert bool((state[n][m == 0] == 0).all()), n
+        assert (tmp_path / "t" / row.tag / "metrics.json").read_bytes() == (folder / "metrics.json").read_bytes()
+    mtimes = [(f / "model.pt").stat().st_mtime_ns for f in work]
+    again, _ = pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t2", checkpoints=tmp_path / "ck")
+    assert again.equals(res) and [(f / "model.pt").stat().st_mtime_ns for f in work] == mtimes
+    one = pipeline.resume_key(train.fingerprint(torch.nn.Linear(1, 1), None, data.get_dataset("digits", root=data_root),
+                                                pipeline.train_config(cfg), 0), 1)
+    two = pipeline.resume_key(train.fingerprint(torch.nn.Linear(1, 1), None, data.get_dataset("digits", root=data_root),
+                                                pipeline.train_config(cfg), 0), 2)
+    assert one != two
+
+
+def test_ddp_bad_process_count_is_refused_before_any_work():
+    from ntksap import config, pipeline
+
+    for bad in (0, "two", 1.5):
+        params = config.compose("micro", [f"train.processes={bad}"])
+        with pytest.raises(config.ParamsError, match=rf"train.processes={bad!r} is not allowed.*'auto'"):
+            config.parse_params(params)
+        with pytest.raises(ValueError, match=rf"train.processes={bad!r} is not allowed"):
+            pipeline.resolve_processes(bad, "cpu")
+    assert config.parse_params(config.compose("micro", ["train.processes=auto"])).train.processes == "auto"
+    assert pipeline.resolve_processes("auto", "cpu") == 1 and pipeline.resolve_processes(3, "cpu") == 3

@@ -8,11 +8,6 @@ minutes on 2 busy CPU cores. The unit tests at the top take a few seconds.
 
 import copy
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +19,9 @@ import yaml
 from ntksap import config, pipeline
 from ntksap.masks import Masks
 
+import dvcrepo
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 # -- helpers (fast) ------------------------------------------------------------------------
@@ -134,56 +130,66 @@ def test_prune_and_train_helpers_with_zero_epochs(tmp_path, monkeypatch):
         assert row.test_top1 == pytest.approx(acc, abs=1e-6)
 
 
+def test_train_stage_resumes_an_interrupted_run_from_its_checkpoint_folder(tmp_path, monkeypatch, one_thread):
+    """DVC deletes a stage's outputs before running it again, so the train stage
+    trains in ``results/<experiment>/checkpoints/``: after an interruption in
+    epoch 2 of 3, the rerun trains only the missing epochs and its results
+    equal an uninterrupted run's (another checkpoint folder)."""
+    import ntksap.train as trainer
+
+    monkeypatch.chdir(tmp_path)
+    data = config.compose("micro", ["train.epochs=3", "prune.track.mode=none", "sparsities=[0.5]",
+                                     "spectrum.sparsity=0.5"])
+    data["data"]["root"] = str(ROOT / "data")
+    cfg = config.parse_params(data)
+    pipeline.prune_run(cfg, "magnitude", 0, tmp_path / "p")
+    assert pipeline.checkpoints_dir(cfg, "magnitude", 0) == Path("results/micro/checkpoints/magnitude-0")
+    reference, _ = pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "ref")
+
+    real_evaluate, real_epoch, calls = trainer.evaluate, trainer.train_epoch, {"evaluate": 0, "epochs": 0}
+
+    def evaluate_then_stop(*args, **kwargs):
+        calls["evaluate"] += 1
+        if calls["evaluate"] == 2:                    # in epoch 2, after epoch 1's checkpoint
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    def counted_epoch(*args, **kwargs):
+        calls["epochs"] += 1
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t", checkpoints=tmp_path / "ck")
+    assert not (tmp_path / "t" / "results.csv").exists()
+    monkeypatch.setattr(trainer, "evaluate", real_evaluate)
+    monkeypatch.setattr(trainer, "train_epoch", counted_epoch)
+    calls["epochs"] = 0
+    res, hist = pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t", checkpoints=tmp_path / "ck")
+    assert calls["epochs"] == 2                       # epochs 2 and 3 only
+    assert res.drop(columns="density").equals(reference.drop(columns="density"))
+    ref_hist = pd.read_csv(tmp_path / "ref" / "history.csv").drop(columns="epoch_time")
+    assert hist.drop(columns="epoch_time").reset_index(drop=True).equals(ref_hist)
+    a = torch.load(tmp_path / "t" / "sp50_00" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "ref" / "sp50_00" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # -- the pipeline end to end (slow) ---------------------------------------------------------------
 MICRO_RUNS = ("magnitude", "ntksap")  # the `micro` set: 2 runs x 2 sparsities x 1 seed, 1 epoch
 
 
-def _env(repo: Path) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(repo)  # the copy's ntksap, in papermill's kernels too
-    env["DVC_NO_ANALYTICS"] = "1"
-    env.pop("OMP_NUM_THREADS", None)
-    return env
-
-
-def _run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(list(args), cwd=repo, env=_env(repo), capture_output=True, text=True)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
-    return out
-
-
-def _ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    """A fresh git + DVC repository holding a copy of the project, committed
-    (``dvc exp run`` needs a commit), as a clone of it would be."""
-    if shutil.which("dvc", path=str(BIN)) is None or shutil.which("papermill", path=str(BIN)) is None:
-        pytest.skip("dvc and papermill are needed (pip install -e '.[pipeline]')")
-    repo = tmp_path_factory.mktemp("repo")
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints")
-    for name in ("ntksap", "notebooks"):
-        shutil.copytree(ROOT / name, repo / name, ignore=ignore)
-    for name in ("dvc.yaml", ".dvcignore", "params.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    (repo / ".gitignore").write_text("/results/\n/data/\n/dvc_plots/\n__pycache__/\n")
-    _run(repo, "git", "init", "-q")
-    _run(repo, "dvc", "init", "-q")
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "-c", "user.email=test@example.com", "-c", "user.name=test", "commit", "-q", "-m", "copy")
-    return repo
+    """A committed git + DVC copy of the project (``dvcrepo.make_repo``)."""
+    return dvcrepo.make_repo(tmp_path_factory.mktemp("repo"))
 
 
 @pytest.fixture(scope="module")
 def reproduced(repo):
     """The documented switch to a named set: DVC composes params.yaml with
     Hydra, then runs every stage."""
-    out = _run(repo, "dvc", "exp", "run", "-S", "experiment=micro")
+    out = dvcrepo.run(repo, "dvc", "exp", "run", "-S", "experiment=micro")
     return out.stdout + out.stderr
 
 
@@ -191,7 +197,7 @@ def reproduced(repo):
 def test_dvc_repro_runs_every_stage_and_notebook(repo, reproduced):
     cfg = config.load_params(repo / "params.yaml")
     expected = {"check", "spectrum", "plot"} | {f"{s}@{r}-0" for s in ("prune", "train") for r in MICRO_RUNS}
-    assert _ran(reproduced) == expected
+    assert dvcrepo.ran(reproduced) == expected
     for nb in [*(repo / "results/micro").rglob("*.ipynb")]:
         book = json.loads(nb.read_text())
         errors = [o for c in book["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -203,7 +209,7 @@ def test_dvc_repro_runs_every_stage_and_notebook(repo, reproduced):
                          "spectrum/spectrum.ipynb", "train/magnitude-0/train.ipynb", "train/ntksap-0/train.ipynb"]
     assert cfg.experiment == "micro" and config.to_dict(cfg) == config.to_dict(config.parse_params(
         config.compose("micro")))  # params.yaml is the named set
-    shown = _run(repo, "dvc", "exp", "show", "--json").stdout
+    shown = dvcrepo.run(repo, "dvc", "exp", "show", "--json").stdout
     assert "results/micro/metrics.json" in shown and "experiment" in shown
 
 
@@ -247,7 +253,9 @@ def test_train_spectrum_and_plot_outputs(repo, reproduced):
         hist = pd.read_csv(out / "history.csv")
         assert len(hist) == cfg.train.epochs * len(cfg.sparsities)
         for tag in res["tag"]:
-            assert (out / tag / "metrics.json").is_file() and (out / tag / "checkpoint.pt").is_file()
+            assert (out / tag / "metrics.json").is_file() and (out / tag / "model.pt").is_file()
+            ckpts = list((repo / pipeline.checkpoints_dir(cfg, run, 0)).glob(f"{tag}-*/checkpoint.pt"))
+            assert len(ckpts) == 1  # the resumable run lives outside DVC's output
     eig = pd.read_csv(res_dir / "spectrum/eigenvalues.csv")
     counts = eig.groupby(eig.columns[0]).size()
     assert len(counts) == 1 + len(MICRO_RUNS) and (counts == cfg.spectrum.num_inputs * 10).all()
@@ -265,14 +273,14 @@ def test_train_spectrum_and_plot_outputs(repo, reproduced):
             mine = acc[(acc["run"] == run) & ((acc["sparsity"] - s).abs() < 1e-12)]["test_top1"].mean()
             assert metrics[run][pipeline.sparsity_tag(s)] == pytest.approx(mine, abs=1e-4)
         assert (plots / "accuracy" / f"{run}.csv").is_file() and (plots / "curves" / f"{run}.csv").is_file()
-    shown = json.loads(_run(repo, "dvc", "metrics", "show", "--json").stdout)
+    shown = json.loads(dvcrepo.run(repo, "dvc", "metrics", "show", "--json").stdout)
     assert "results/micro/metrics.json" in json.dumps(shown)
-    _run(repo, "dvc", "plots", "show", "-o", str(repo / "dvc_plots"))
+    dvcrepo.run(repo, "dvc", "plots", "show", "-o", str(repo / "dvc_plots"))
     assert (repo / "dvc_plots" / "index.html").is_file()
 
 
 def _changed(repo: Path) -> set[str]:
-    return set(json.loads(_run(repo, "dvc", "status", "--json").stdout))
+    return set(json.loads(dvcrepo.run(repo, "dvc", "status", "--json").stdout))
 
 
 @pytest.mark.slow
@@ -295,8 +303,8 @@ def test_changing_one_parameter_reruns_only_what_it_affects(repo, reproduced):
         more = copy.deepcopy(params)
         more["spectrum"]["num_inputs"] = 5
         config.write_params(more, repo / "params.yaml")
-        out = _run(repo, "dvc", "repro")
-        assert _ran(out.stdout) == {"check", "spectrum"}, out.stdout
+        out = dvcrepo.run(repo, "dvc", "repro")
+        assert dvcrepo.ran(out.stdout) == {"check", "spectrum"}, out.stdout
         assert "Stage 'prune@ntksap-0' didn't change, skipping" in out.stdout
         eig = pd.read_csv(repo / "results/micro/spectrum/eigenvalues.csv")
         assert (eig.groupby("label").size() == 5 * 10).all()
@@ -316,10 +324,10 @@ def test_a_bad_parameter_stops_dvc_repro_before_any_work(repo, reproduced):
                 node = node[k]
             node[path[-1]] = value
             (repo / "params.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
-            out = _run(repo, "dvc", "repro", check=False)
+            out = dvcrepo.run(repo, "dvc", "repro", check=False)
             text = out.stdout + out.stderr
             assert out.returncode != 0
             assert expected in text and "allowed" in text
-            assert _ran(out.stdout) == {"check"}  # nothing after the check ran
+            assert dvcrepo.ran(out.stdout) == {"check"}  # nothing after the check ran
     finally:
         (repo / "params.yaml").write_text(good)
