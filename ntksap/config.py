@@ -138,40 +138,41 @@ class Choice(Check):
         return value
 
 
-class Optional(Check):
-    def __init__(self, inner: Check, none_means: str = ""):
-        self.inner, self.none_means = inner, none_means
-
-    @property
-    def allowed(self) -> str:
-        return f"null ({self.none_means}) or {self.inner.allowed}" if self.none_means else f"null or {self.inner.allowed}"
-
-    def __call__(self, key, value):
-        if value is None:
-            return None
-        try:
-            return self.inner(key, value)
-        except ParamsError:
-            self.fail(key, value)
-
-
 class Either(Check):
-    """One of fixed words (e.g. ``auto``) or what ``inner`` allows."""
+    """One of fixed words (e.g. ``auto``), returned as they are, or what ``inner`` allows."""
 
     def __init__(self, words: Sequence[str], inner: Check):
         self.words, self.inner = list(words), inner
+
+    def exempt(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.words
 
     @property
     def allowed(self) -> str:
         return " or ".join(repr(w) for w in self.words) + f" or {self.inner.allowed}"
 
     def __call__(self, key, value):
-        if isinstance(value, str) and value in self.words:
+        if self.exempt(value):
             return value
         try:
             return self.inner(key, value)
         except ParamsError:
             self.fail(key, value)
+
+
+class Optional(Either):
+    """``null`` or what ``inner`` allows."""
+
+    def __init__(self, inner: Check, none_means: str = ""):
+        super().__init__([], inner)
+        self.none_means = none_means
+
+    def exempt(self, value: Any) -> bool:
+        return value is None
+
+    @property
+    def allowed(self) -> str:
+        return f"null ({self.none_means}) or {self.inner.allowed}" if self.none_means else f"null or {self.inner.allowed}"
 
 
 class ListOf(Check):

@@ -374,8 +374,7 @@ def _train_distributed(cfg: Params, processes: int, masks: Path, init: Path, tc,
     import ntksap
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(tc).items()}
-    atomic_write_text(json.dumps(values, indent=1) + "\n", out_dir / "train_config.json")
+    atomic_write_text(json.dumps(dataclasses.asdict(tc), indent=1) + "\n", out_dir / "train_config.json")
     env = dict(os.environ)
     package_root = str(Path(ntksap.__file__).resolve().parents[1])   # the same ntksap in every process
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))

@@ -56,3 +56,29 @@ def make_repo(path: Path, extra_ignores: str = "") -> Path:
     run(path, "git", "add", "-A")
     run(path, "git", "-c", "user.email=test@example.com", "-c", "user.name=test", "commit", "-q", "-m", "copy")
     return path
+
+
+def processes(*repos: Path, since: float = 0.0) -> list:
+    """Live processes (``psutil.Process``, not this one, not zombies) started at
+    or after ``since`` (a ``time.time()``, less 1 s of slack) that work for one
+    of ``repos``: their working folder is in it, their command line names it, or
+    their ``PYTHONPATH`` is it (as :func:`env` sets). Queue workers and Jupyter
+    kernels are re-parented or in sessions of their own, so they are found this
+    way rather than as children."""
+    import psutil
+
+    roots = [str(r) for r in repos]
+    found = []
+    for p in psutil.process_iter(["pid", "cwd", "cmdline", "create_time", "status"]):
+        try:
+            if p.pid == os.getpid() or (p.info["create_time"] or 0) < since - 1:
+                continue
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cwd, cmd = p.info["cwd"] or "", " ".join(p.info["cmdline"] or [])
+            if (any(cwd == r or cwd.startswith(r + os.sep) or r in cmd for r in roots)
+                    or p.environ().get("PYTHONPATH", "") in roots):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found

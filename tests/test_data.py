@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
 import tarfile
 import time

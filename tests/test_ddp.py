@@ -157,11 +157,9 @@ def test_ddp_train_stage_launches_torchrun_when_train_processes_is_2(data_root, 
     mtimes = [(f / "model.pt").stat().st_mtime_ns for f in work]
     again, _ = pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t2", checkpoints=tmp_path / "ck")
     assert again.equals(res) and [(f / "model.pt").stat().st_mtime_ns for f in work] == mtimes
-    one = pipeline.resume_key(train.fingerprint(torch.nn.Linear(1, 1), None, data.get_dataset("digits", root=data_root),
-                                                pipeline.train_config(cfg), 0), 1)
-    two = pipeline.resume_key(train.fingerprint(torch.nn.Linear(1, 1), None, data.get_dataset("digits", root=data_root),
-                                                pipeline.train_config(cfg), 0), 2)
-    assert one != two
+    run = train.fingerprint(torch.nn.Linear(1, 1), None, data.get_dataset("digits", root=data_root),
+                            pipeline.train_config(cfg), 0)
+    assert pipeline.resume_key(run, 1) != pipeline.resume_key(run, 2)
 
 
 def test_ddp_bad_process_count_is_refused_before_any_work():

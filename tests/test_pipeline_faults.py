@@ -82,18 +82,6 @@ def _make(path: Path) -> Path:
     return repo
 
 
-def _results(repo: Path) -> dict[str, int]:
-    """Result files (not the papermill notebooks, rewritten while a cell runs) -> mtime."""
-    out = {}
-    for f in (repo / "results").rglob("*"):
-        try:
-            if f.is_file() and f.suffix != ".ipynb":
-                out[str(f.relative_to(repo))] = f.stat().st_mtime_ns
-        except FileNotFoundError:
-            pass
-    return out
-
-
 def _everything(repo: Path) -> dict[str, tuple[int, int]]:
     """Every file under results/ plus dvc.lock -> (size, mtime)."""
     out = {}
@@ -105,6 +93,12 @@ def _everything(repo: Path) -> dict[str, tuple[int, int]]:
         except FileNotFoundError:
             pass
     return out
+
+
+def _results(repo: Path) -> dict[str, int]:
+    """Result files (not the papermill notebooks, rewritten while a cell runs) -> mtime."""
+    return {k: mtime for k, (_, mtime) in _everything(repo).items()
+            if k.startswith("results") and not k.endswith(".ipynb")}
 
 
 # -- killing a process tree ---------------------------------------------------------------------
@@ -158,23 +152,6 @@ def _alive(p: psutil.Process) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def _strays(*repos: Path) -> list[str]:
-    """Live processes working in (cwd) or for (PYTHONPATH, as dvcrepo.env sets) one of ``repos``."""
-    roots = [str(r) for r in repos]
-    out = []
-    for p in psutil.process_iter():
-        if p.pid == os.getpid():
-            continue
-        try:
-            cwd = p.cwd()
-            pythonpath = p.environ().get("PYTHONPATH", "")
-            if (any(cwd == r or cwd.startswith(r + os.sep) for r in roots) or pythonpath in roots) and _alive(p):
-                out.append(f"{p.pid} {' '.join(p.cmdline()[:4])} (cwd {cwd})")
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return out
 
 
 # -- one `dvc repro`, watched ----------------------------------------------------------------------
@@ -371,18 +348,11 @@ def _rwlock(repo: Path) -> dict | None:
         return None
 
 
-def _dvc_fails_on_corrupt_rwlock(repo: Path, env: dict, *args: str) -> str:
-    """``dvc *args`` refuses to run while .dvc/tmp/rwlock is not JSON; returns the error."""
+def _dvc_refuses(repo: Path, env: dict, messages: tuple[str, ...], *args: str) -> str:
+    """``dvc *args`` refuses to run (a broken rwlock or dvc.lock) with one of
+    ``messages`` in its error; returns the error."""
     out = _dvc(repo, env, *args)
-    assert out.returncode != 0 and CORRUPT_RWLOCK in out.stderr, (out.returncode, out.stdout, out.stderr)
-    return out.stderr.strip()
-
-
-def _dvc_fails_on_broken_lock_file(repo: Path, env: dict, *args: str) -> str:
-    """``dvc *args`` refuses to run while dvc.lock is empty or cut short; returns the error."""
-    out = _dvc(repo, env, *args)
-    assert out.returncode != 0 and any(m in out.stderr for m in BROKEN_LOCK_FILE), (out.returncode, out.stdout,
-                                                                                    out.stderr)
+    assert out.returncode != 0 and any(m in out.stderr for m in messages), (out.returncode, out.stdout, out.stderr)
     return out.stderr.strip()
 
 
@@ -430,7 +400,7 @@ def test_kill_dvc_repro_at_random_points_then_rerun_equals_undisturbed(tmp_path)
             kills += 1
             kernels += "ipykernel" in r.killed
             assert r.proc.returncode == -signal.SIGKILL
-            assert not _strays(b), _strays(b)
+            assert not dvcrepo.processes(b), dvcrepo.processes(b)
             quiet = _everything(b)                       # nothing keeps writing after the kill
             time.sleep(1.0)
             assert _everything(b) == quiet
@@ -442,7 +412,7 @@ def test_kill_dvc_repro_at_random_points_then_rerun_equals_undisturbed(tmp_path)
                 # killed while DVC rewrote .dvc/tmp/rwlock (it truncates the file, then writes the JSON): every
                 # dvc command now refuses to run until the file is removed (DVC's own advice for a stuck rwlock)
                 corrupt += 1
-                error = _dvc_fails_on_corrupt_rwlock(b, env_b, "status")
+                error = _dvc_refuses(b, env_b, (CORRUPT_RWLOCK,), "status")
                 note(f"  .dvc/tmp/rwlock left {(b / '.dvc/tmp/rwlock').stat().st_size} bytes long; dvc status: "
                      f"{error!r}; removing .dvc/tmp/rwlock")
                 (b / ".dvc" / "tmp" / "rwlock").unlink()
@@ -519,7 +489,7 @@ def test_kill_dvc_repro_at_random_points_then_rerun_equals_undisturbed(tmp_path)
         # the unreadable-rwlock failure, made on purpose: an empty .dvc/tmp/rwlock (what a kill while DVC
         # rewrites it leaves) stops `dvc repro` until the file is removed
         (b / ".dvc" / "tmp" / "rwlock").write_text("")
-        _dvc_fails_on_corrupt_rwlock(b, env_b, "repro")
+        _dvc_refuses(b, env_b, (CORRUPT_RWLOCK,), "repro")
         (b / ".dvc" / "tmp" / "rwlock").unlink()
         again = _dvc(b, env_b, "repro")
         assert again.returncode == 0 and "Data and pipelines are up to date." in again.stdout, again
@@ -528,7 +498,7 @@ def test_kill_dvc_repro_at_random_points_then_rerun_equals_undisturbed(tmp_path)
         # leaves) stops `dvc repro`; with it removed, `dvc repro` restores the prune and train stages from
         # DVC's run cache (no training again), and the results are still the undisturbed ones
         (b / "dvc.lock").write_text("")
-        _dvc_fails_on_broken_lock_file(b, env_b, "repro")
+        _dvc_refuses(b, env_b, BROKEN_LOCK_FILE, "repro")
         (b / "dvc.lock").unlink()
         again = _dvc(b, env_b, "repro")
         assert again.returncode == 0, again
@@ -542,4 +512,4 @@ def test_kill_dvc_repro_at_random_points_then_rerun_equals_undisturbed(tmp_path)
     finally:
         print("\n".join(["--- summary ---", *log]), flush=True)
     # 4. nothing left running
-    assert not _strays(a, b), _strays(a, b)
+    assert not dvcrepo.processes(a, b), dvcrepo.processes(a, b)

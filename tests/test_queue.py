@@ -9,7 +9,6 @@ compares and applies them: 2.5 to 3.5 minutes on 2 busy CPU cores.
 """
 
 import json
-import os
 import re
 import subprocess
 import tempfile
@@ -57,23 +56,6 @@ def _statuses(repo: Path) -> dict[str, str]:
     return rows
 
 
-def _ours(repo: Path, since: float) -> list[psutil.Process]:
-    """Processes started by this test for ``repo``: the queue workers (reparented to
-    init, so not children of the test), the runs and their papermill kernels; all
-    work in ``repo`` or name it on their command line."""
-    found = []
-    for p in psutil.process_iter(["pid", "cwd", "cmdline", "create_time"]):
-        try:
-            if p.pid == os.getpid() or (p.info["create_time"] or 0) < since - 1:
-                continue
-            cwd, cmd = p.info["cwd"] or "", " ".join(p.info["cmdline"] or [])
-            if cwd == str(repo) or cwd.startswith(f"{repo}{os.sep}") or str(repo) in cmd:
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return found
-
-
 def _logs(repo: Path, names) -> str:
     return "\n".join(f"--- dvc queue logs {n} ---\n{_dvc(repo, 'queue', 'logs', n, check=False)[-3000:]}"
                      for n in names)
@@ -84,7 +66,7 @@ def _stop_queue(repo: Path, since: float) -> list[str]:
     kill (by pid) and return those still running after 60 s."""
     _dvc(repo, "queue", "stop", "--kill", check=False)
     deadline = time.monotonic() + 60
-    while (left := _ours(repo, since)) and time.monotonic() < deadline:
+    while (left := dvcrepo.processes(repo, since=since)) and time.monotonic() < deadline:
         time.sleep(1)
     described = []
     for p in left:
@@ -123,7 +105,7 @@ def test_queue_runs_a_sweep_in_parallel_into_the_same_tables_and_plots(tmp_path)
         deadline = time.monotonic() + TIMEOUT
         while True:
             copies = set()
-            for p in _ours(repo, since):
+            for p in dvcrepo.processes(repo, since=since):
                 try:
                     cwd = Path(p.cwd())
                     if cwd.is_relative_to(exps_tmp) and cwd != exps_tmp:
