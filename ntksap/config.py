@@ -303,6 +303,11 @@ class Run:
                         "fixed (the network's own init)", Choice(["redraw", "fixed"]))
     inputs: str = knob("noise", "NTK-SAP inputs while scoring: noise (N(0, I), the paper) or data (the prune set)",
                        Choice(["noise", "data"]))
+    bn_mode: str | None = knob(None, "BatchNorm while scoring: train (batch statistics), eval (running statistics) "
+                               "or, for NTK-SAP, unperturbed (the unperturbed net's batch statistics in both "
+                               "passes); null = the method's own, as the authors' code: eval for SynFlow, "
+                               "unperturbed for NTK-SAP, train otherwise",
+                               Optional(Choice(["train", "eval", "unperturbed"]), "the method's own"))
     label: str | None = knob(None, "legend label (null = the method's name)", Optional(Str()))
 
 
@@ -331,6 +336,10 @@ class Prune:
     """Settings shared by all runs (``prune``)."""
 
     per_class: int = knob(10, "prune-set size per class for data-driven methods (paper: 10)", Int(1))
+    prune_set: str = knob("balanced", "prune set of the data-driven methods: balanced (per_class images of every "
+                          "class, fixed, not augmented) or random (per_class x classes images drawn at random, "
+                          "training augmentation and a new order on every pass, as the authors)",
+                          Choice(["balanced", "random"]))
     num_samples: int | None = knob(None, "NTK-SAP noise inputs per round (paper: 10 x classes)",
                                    Optional(Int(1), "10 x classes"))
     batch_size: int = knob(256, "mini-batch size while scoring (paper: 256)", Int(1))
@@ -338,6 +347,10 @@ class Prune:
                       Choice(["global", "local"]))
     schedule: str = knob("exponential", "density after iteration t: d^(t/T) (exponential, the paper) or linear",
                          Choice(["exponential", "linear"]))
+    count_rule: str = knob("round", "weights kept per iteration: round (exactly round(d N), ties to the earlier "
+                           "weight) or authors (N - int((1 - d) N), every weight tied at the threshold pruned, "
+                           "as the authors' code: their masks bit for bit from the same scores)",
+                           Choice(["round", "authors"]))
     track: Track = knob(Track(), "NTK snapshots while pruning", Section(Track))
 
 
@@ -381,6 +394,9 @@ class Plot:
                                           Optional(Float(0, 1, high_open=True), "the highest"))
     table_sparsities: list[float] | None = knob(None, "columns of Table 1 (paper: 0.8926, 0.956 on ImageNet)",
                                                 Optional(ListOf(Float(0, 1, high_open=True)), "all sparsities"))
+    accuracy: str = knob("final", "which test accuracy the figures and tables show: final (after the last epoch) "
+                         "or best (the best over epochs, as the authors' training loop reports)",
+                         Choice(["final", "best"]))
 
 
 @dataclass(kw_only=True)
@@ -391,8 +407,8 @@ class Params:
                            Str(NAME_PATTERN, "a name of letters, digits and _ starting with a letter"))
     dataset: str = knob(MISSING, "dataset: digits, cifar10, cifar100, tiny_imagenet or imagenet",
                         Choice(dataset_names))
-    model: str = knob(MISSING, "network: digits_cnn, resnet20, vgg16_bn, resnet18_tiny, resnet18 or resnet50",
-                      Choice(model_names))
+    model: str = knob(MISSING, "network: digits_cnn, resnet20, vgg16_bn, resnet18_tiny, resnet18_imagenet_stem, "
+                      "resnet18 or resnet50", Choice(model_names))
     seeds: list[int] = knob(MISSING, "seeds; each gives a new init, prune set and training order (paper: 3)",
                             ListOf(Int(0)))
     sparsities: list[float] = knob(MISSING, "fractions of prunable weights removed (paper: 1 - 0.8^k, "
@@ -438,6 +454,13 @@ def _cross_checks(p: Params) -> None:
                 if getattr(run, key) != default:
                     raise ParamsError(f"runs.{name}.{key}={getattr(run, key)!r} is not allowed for method "
                                       f"{run.method!r}; allowed: {default!r} ({key} is an NTK-SAP setting)")
+        if run.bn_mode is not None and run.method != DENSE:
+            from .scores import METHODS
+
+            allowed = METHODS[run.method].bn_modes
+            if run.bn_mode not in allowed:
+                raise ParamsError(f"runs.{name}.bn_mode={run.bn_mode!r} is not allowed for method {run.method!r}; "
+                                  f"allowed: null (the method's own) or one of {list(allowed)}")
         if run.method == DENSE and run.iterations is not None:
             raise ParamsError(f"runs.{name}.iterations={run.iterations!r} is not allowed for method 'dense'; "
                               "allowed: null (a dense run is not pruned)")

@@ -758,6 +758,116 @@ def prune_batches(bundle: Dataset, per_class: int = 10, batch_size: int = 256, s
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(idx), batch_size)]
 
 
+def _pass_seed() -> int:
+    """A 63-bit seed drawn from torch's global CPU generator (one per pass)."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+class _SeededSamples(_Samples):
+    """:class:`_Samples` whose transform draws item ``i``'s randomness from the
+    global CPU generator reseeded by ``(seed, i)`` inside ``fork_rng``: the
+    crops depend on the pass seed only, not on the number of loader workers,
+    and the caller's global RNG is left as it was."""
+
+    def __init__(self, samples, transform, seed: int):
+        super().__init__(samples, transform)
+        self.seed = seed
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(_mix(self.seed, i))
+            return super().__getitem__(i)
+
+
+class PruneLoader:
+    """The prune set as the authors draw it; see :func:`prune_loader`."""
+
+    def __init__(self, bundle: Dataset, per_class: int = 10, batch_size: int = 256, seed: int = 0, device=None,
+                 augment=True, num_workers: int = 8):
+        if not isinstance(per_class, int) or isinstance(per_class, bool) or per_class < 1:
+            raise ValueError(f"per_class={per_class!r} is not allowed; use a positive integer")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is not allowed; use a positive integer")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed={seed!r} is not allowed; use an integer")
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+            raise ValueError(f"num_workers={num_workers!r} is not allowed; use a non-negative integer")
+        if bundle.on_disk:
+            if not isinstance(augment, bool):
+                raise ValueError(f"augment={augment!r} is not allowed for '{bundle.name}' (read from disk); "
+                                 f"use True (its training transform) or False (its test transform)")
+            kind = "imagenet" if augment else "none"
+        elif augment is True or augment is False or (isinstance(augment, str) and augment in AUGMENTATIONS):
+            kind = bundle.augment if augment is True else "none" if augment is False else augment
+        else:
+            raise ValueError(f"augment={augment!r} is not allowed for '{bundle.name}'; use True (its "
+                             f"training augmentation '{bundle.augment}'), False or one of {AUGMENTATIONS}")
+        n = per_class * bundle.num_classes
+        if n > bundle.num_train:
+            raise ValueError(f"per_class={per_class} is not allowed for '{bundle.name}': {per_class} x "
+                             f"{bundle.num_classes} classes = {n} images, the training set has {bundle.num_train}")
+        self.bundle, self.batch_size, self.augment, self.num_workers = bundle, batch_size, kind, num_workers
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        g = torch.Generator().manual_seed(_mix(seed, "prune-random"))
+        self.indices = torch.randperm(bundle.num_train, generator=g)[:n]   # not class-balanced
+        self.labels = bundle.train_labels[self.indices]
+        if bundle.on_disk:
+            self._samples = [bundle.train_set.samples[i] for i in self.indices.tolist()]
+            self._transform = bundle.train_set.transform if augment else bundle.test_set.transform
+        else:
+            self._images = bundle.train_images[self.indices]               # uint8, CPU
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.indices.numel())
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        seed = _pass_seed()   # drawn now, not at the first next(): the pass is fixed by the global RNG at iter()
+        return self._iter_disk(seed) if self.bundle.on_disk else self._iter_memory(seed)
+
+    def _iter_memory(self, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(self.num_samples, generator=g)
+        for i in range(0, self.num_samples, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            x = augment_batch(self._images.index_select(0, idx), self.augment, g)   # float32, 0-255, CPU
+            x = normalise(self.bundle, x.contiguous())
+            yield x.to(self.device), self.labels.index_select(0, idx).to(self.device)
+
+    def _iter_disk(self, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        dl = torch.utils.data.DataLoader(_SeededSamples(self._samples, self._transform, seed),
+                                         batch_size=self.batch_size, shuffle=True, generator=g,
+                                         num_workers=_workers(self.num_workers), persistent_workers=False)
+        for x, y in dl:
+            yield x.to(self.device), y.to(self.device)
+
+
+def prune_loader(bundle: Dataset, per_class: int = 10, batch_size: int = 256, seed: int = 0, device=None,
+                 augment=True, num_workers: int = 8) -> PruneLoader:
+    """The prune set as the authors draw it (PAPER.md section 3):
+    ``per_class x classes`` training images drawn once at random with ``seed``
+    (not class-balanced; ``.indices``), re-drawn on every pass.
+
+    A re-iterable with ``len()`` (batches per pass). Each ``iter()`` is a new
+    pass: a shuffled order and fresh training augmentation (``augment=True``:
+    the dataset's, as :class:`DeviceLoader` applies it; ``False`` or a name from
+    ``augment.AUGMENTATIONS``), normalised like :func:`prune_batches`, in
+    batches of ``batch_size``: (x float32 (B, C, H, W), y int64 (B,)) on
+    ``device`` (``None``: the CPU; move one batch at a time). A pass's
+    randomness comes from a generator seeded by one 63-bit integer drawn from
+    torch's global CPU generator at ``iter()``, so passes repeat under
+    ``torch.manual_seed`` and successive passes differ. ImageNet: a
+    ``DataLoader`` over the training transform (RandomResizedCrop 224 + flip;
+    ``augment=False``: the test transform) with ``num_workers`` processes.
+    :func:`prune_batches` is the other choice (class-balanced, fixed, unaugmented).
+    """
+    return PruneLoader(bundle, per_class, batch_size, seed, device, augment, num_workers)
+
+
 # ==================================================================================
 # the device loader
 # ==================================================================================

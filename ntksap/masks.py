@@ -43,15 +43,27 @@ def prunable_modules(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str,
     }
 
 
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    """``id(parameter)`` -> its name in ``model.named_parameters()``: the first
+    name of a parameter shared by several modules (tied weights), the only one
+    ``named_parameters``, ``state_dict`` loading and ``functional_call`` use."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
 def prunable_parameters(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Parameter]:
     """Parameter name (as in ``model.named_parameters()``) -> prunable weight.
-    A weight shared by several modules is listed once, under its first name."""
+
+    A weight shared by several modules (a ``Linear`` tied to an ``Embedding``,
+    say) is prunable when any prunable module uses it, and is listed once,
+    under its ``named_parameters`` name: one mask that every module using it
+    sees. ``exclude`` removes a shared weight only when every prunable module
+    that uses it is excluded."""
+    names = parameter_names(model)
     out: dict[str, nn.Parameter] = {}
-    seen: set[int] = set()
-    for name, m in prunable_modules(model, exclude).items():
-        if id(m.weight) not in seen:
-            seen.add(id(m.weight))
-            out[f"{name}.weight" if name else "weight"] = m.weight
+    for _, m in prunable_modules(model, exclude).items():
+        name = names.get(id(m.weight))
+        if name is not None and name not in out:
+            out[name] = m.weight
     return out
 
 
@@ -262,8 +274,9 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...],
     masks = masks or {}
     out: dict[str, tuple[int, int]] = {}
     handles = []
-    for mname, module in prunable_modules(model).items():
-        pname = f"{mname}.weight" if mname else "weight"
+    names = parameter_names(model)
+    for module in prunable_modules(model).values():
+        pname = names[id(module.weight)]
 
         def hook(mod, inp, outp, pname=pname):
             w = mod.weight
@@ -276,13 +289,13 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...],
             out[pname] = (prev[0] + positions * w.numel(), prev[1] + positions * kept)
 
         handles.append(module.register_forward_hook(hook))
-    was_training = model.training
+    from .scores import scoring_mode
+
     try:
-        model.eval()
-        p = next(model.parameters())
-        model(torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype))
+        with scoring_mode(model, "eval"):
+            p = next(model.parameters())
+            model(torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype))
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return out

@@ -122,13 +122,29 @@ class DigitsNet(nn.Module):
 
 # -- torchvision ResNets -------------------------------------------------------------
 def _resnet18_tiny(num_classes: int) -> nn.Module:
-    """torchvision ResNet-18 for 64x64 Tiny-ImageNet: 3x3 stride-1 stem, no max-pool."""
+    """torchvision ResNet-18 for 64x64 Tiny-ImageNet with a 3x3 stride-1 stem and
+    no max-pool (PAPER.md section 4; the authors' unused ``tinyimagenet_resnet``):
+    layer1 sees 64x64 maps, layer4 8x8. Our default Tiny-ImageNet model; see
+    :func:`_resnet18_imagenet_stem` for the one the authors' README runs."""
     import torchvision  # imported lazily: it costs seconds at every notebook start
 
     model = torchvision.models.resnet18(num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
+
+
+def _resnet18_imagenet_stem(num_classes: int) -> nn.Module:
+    """torchvision ResNet-18 unchanged, with the ImageNet stem (7x7 stride-2
+    conv, 3x3 stride-2 max-pool), for 64x64 Tiny-ImageNet: what the authors'
+    README builds for Tiny-ImageNet (``--model-class imagenet``; PAPER.md
+    section 3, "Tiny-ImageNet model"). The stem shrinks 64x64 inputs 4x, so
+    layer1 sees 16x16 maps and layer4 2x2. Differs from :func:`_resnet18_tiny`
+    only in ``conv1`` (7x7x3x64 instead of 3x3x3x64 weights) and the max-pool;
+    the same network as ``resnet18``, registered for 64x64 inputs.
+    Theirs keeps 1000 outputs (its ``num_classes`` is not passed on), 800 of
+    them never a label; ours has ``num_classes`` (200 for Tiny-ImageNet)."""
+    return _torchvision("resnet18", num_classes)
 
 
 def _torchvision(name: str, num_classes: int) -> nn.Module:
@@ -144,6 +160,7 @@ MODELS: dict[str, tuple[Callable[[int], nn.Module], tuple[int, int, int]]] = {
     "resnet20": (lambda k: CifarResNet(20, 16, num_classes=k), (3, 32, 32)),
     "vgg16_bn": (lambda k: CifarVGG(VGG16_PLAN, num_classes=k), (3, 32, 32)),
     "resnet18_tiny": (_resnet18_tiny, (3, 64, 64)),
+    "resnet18_imagenet_stem": (_resnet18_imagenet_stem, (3, 64, 64)),
     "resnet18": (lambda k: _torchvision("resnet18", k), (3, 224, 224)),
     "resnet50": (lambda k: _torchvision("resnet50", k), (3, 224, 224)),
 }

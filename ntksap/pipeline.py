@@ -15,7 +15,8 @@ Layout of ``results/<experiment>/`` (``dvc.yaml`` writes the same paths)::
     spectrum/                        spectrum.ipynb, eigenvalues.csv, summary.csv, ntk_spectrum.png/pdf
     plots/                           plot.ipynb, accuracy.csv, table.md/csv, figures (png, pdf),
                                      accuracy/<run>.csv and curves/<run>.csv for `dvc plots`
-    metrics.json                     mean test accuracy per run and sparsity (`dvc metrics show`)
+    metrics.json                     mean test accuracy per run and sparsity, final and best over epochs
+                                     (`dvc metrics show`)
 
 ``<tag>`` names a sparsity: 0.981986 -> ``sp98_20`` (percent, two decimals).
 """
@@ -151,7 +152,8 @@ def prune_kwargs(cfg: Params, run: str, seed: int, input_shape, data=None, devic
     return dict(input_shape=tuple(input_shape), data=data, iterations=r.iterations, rounds=r.rounds,
                 epsilon=r.epsilon, num_samples=cfg.prune.num_samples, batch_size=cfg.prune.batch_size, seed=seed,
                 scope=cfg.prune.scope, schedule=cfg.prune.schedule, redraw=r.weights == "redraw",
-                noise_inputs=r.inputs == "noise", device=device, progress=False, apply=False)
+                noise_inputs=r.inputs == "noise", bn_mode=r.bn_mode, count_rule=cfg.prune.count_rule,
+                device=device, progress=False, apply=False)
 
 
 # -- the prune stage -------------------------------------------------------------------------
@@ -201,7 +203,7 @@ def prune_run(cfg: Params, run: str, seed: int, out_dir: str | os.PathLike, devi
     Snapshots are taken before pruning (iteration 0), after iteration 1, every
     ``prune.track.every`` iterations and after the last.
     """
-    from .data import prune_batches, resolve_device
+    from .data import prune_batches, prune_loader, resolve_device
     from .files import atomic_torch_save
     from .masks import Masks
     from .pruning import prune
@@ -217,8 +219,12 @@ def prune_run(cfg: Params, run: str, seed: int, out_dir: str | os.PathLike, devi
     atomic_torch_save(init, out / "init.pt")
     model.to(device)  # the NTK snapshots run where the model is
     needs_data = (method in METHODS and METHODS[method].needs_data) or cfg.runs[run].inputs == "data"
-    data = prune_batches(bundle, per_class=cfg.prune.per_class, batch_size=cfg.prune.batch_size, seed=seed,
-                         device=device) if needs_data else None
+    data = None
+    if needs_data and cfg.prune.prune_set == "random":  # the authors' way: new order and crops every pass, on CPU
+        data = prune_loader(bundle, per_class=cfg.prune.per_class, batch_size=cfg.prune.batch_size, seed=seed)
+    elif needs_data:  # balanced: class-balanced, fixed, unaugmented
+        data = prune_batches(bundle, per_class=cfg.prune.per_class, batch_size=cfg.prune.batch_size, seed=seed,
+                             device="cpu")  # prune() moves one batch at a time to the scoring device
     track = cfg.prune.track
     probe = probe_inputs(bundle, track.inputs, seed) if track.mode != "none" else None
     rows, dens, tracks, spectra, hists = [], [], [], [], []
@@ -317,8 +323,9 @@ def _evaluate_at_init(model, masks, bundle, tc, seed: int, out_dir: Path, device
     apply_masks(model, masks, hooks=False)
     ev = evaluate(model, DeviceLoader(bundle, "test", tc.eval_batch_size, augment=False, seed=seed, device=device,
                                       num_workers=tc.num_workers))
-    metrics = {"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"], "epochs": 0,
-               "density": masks.density, "sparsity": masks.sparsity}
+    metrics = {"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"],
+               "best_test_top1": ev["top1"], "best_test_top5": ev["top5"], "best_epoch": 0,  # best = final: no epochs
+               "epochs": 0, "density": masks.density, "sparsity": masks.sparsity}
     atomic_write_text(json.dumps(metrics, indent=1) + "\n", out_dir / "metrics.json")
     atomic_write_text(pd.DataFrame(columns=HISTORY_COLUMNS).to_csv(index=False), out_dir / "history.csv")
 
@@ -510,12 +517,66 @@ def _runs_seeds(cfg: Params) -> Iterable[tuple[str, int]]:
             yield run, seed
 
 
+ACCURACY = {"final": ("test_top1", "final test top-1 (%)"),
+            "best": ("best_test_top1", "best test top-1 over epochs (%)")}
+"""``plot.accuracy`` -> (its column in :func:`collect_results`, the words that
+name it in every figure and table). ``final``: after the last epoch (what we
+report by default); ``best``: the highest over epochs, what the authors'
+training loop prints (PAPER.md section 3, "Reported accuracy")."""
+BEST_COLUMNS = ("best_test_top1", "best_test_top5", "best_epoch")
+
+
+def accuracy_caption(accuracy: str = "final") -> str:
+    """How figures and tables name an accuracy: ``final test top-1 (%)`` or
+    ``best test top-1 over epochs (%)`` (another metric: its column name)."""
+    return ACCURACY[accuracy][1] if accuracy in ACCURACY else accuracy
+
+
+def _check_accuracy(accuracy: str) -> None:
+    if accuracy not in ACCURACY:
+        raise ValueError(f"plot.accuracy={accuracy!r} is not allowed; allowed: one of {', '.join(ACCURACY)}")
+
+
+def _fill_best(results: pd.DataFrame, history_csv: Path) -> pd.DataFrame:
+    """Fill the ``best_*`` columns where ``results.csv`` lacks them (a run
+    trained before they were recorded) from its ``history.csv``: the first
+    epoch with the highest test top-1; without epochs, the final values."""
+    if all(c in results and results[c].notna().all() for c in BEST_COLUMNS):
+        return results
+    results = results.copy()
+    try:
+        hist = pd.read_csv(history_csv)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        hist = pd.DataFrame(columns=["sparsity", "epoch", "test_top1", "test_top5"])
+    for c in BEST_COLUMNS:
+        if c not in results:
+            results[c] = float("nan")
+    for i, row in results.iterrows():
+        h = hist[(hist["sparsity"] - row["sparsity"]).abs() < 1e-12]
+        if h.empty:
+            best = {"best_test_top1": row["test_top1"], "best_test_top5": row.get("test_top5"), "best_epoch": 0}
+        else:
+            b = h.loc[h["test_top1"].astype(float).idxmax()]
+            best = {"best_test_top1": b["test_top1"], "best_test_top5": b.get("test_top5"),
+                    "best_epoch": int(b["epoch"])}
+        for c in BEST_COLUMNS:
+            if pd.isna(results.at[i, c]):
+                results.at[i, c] = best[c]
+    if results["best_epoch"].notna().all():
+        results["best_epoch"] = results["best_epoch"].astype(int)
+    return results
+
+
 def collect_results(cfg: Params) -> pd.DataFrame:
-    """Final metrics of every (run, seed, sparsity): columns run, label, method,
-    seed, sparsity, test_top1, ... (from ``train/<run>-<seed>/results.csv``)."""
+    """Metrics of every (run, seed, sparsity): columns run, label, method,
+    seed, sparsity, test_top1, test_top5, ... (after the last epoch),
+    best_test_top1, best_test_top5, best_epoch (the epoch with the highest
+    test top-1) from ``train/<run>-<seed>/results.csv``; ``best_*`` missing
+    there are filled in from that folder's ``history.csv``."""
     frames = []
     for run, seed in _runs_seeds(cfg):
         f = pd.read_csv(train_dir(cfg, run, seed) / "results.csv")
+        f = _fill_best(f, train_dir(cfg, run, seed) / "history.csv")
         f.insert(0, "seed", seed)
         f.insert(0, "method", cfg.runs[run].method)
         f.insert(0, "label", cfg.label(run))
@@ -555,18 +616,39 @@ def collect_prune_frames(cfg: Params, name: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def summarise(results: pd.DataFrame, metric: str = "test_top1") -> pd.DataFrame:
-    """Mean, standard deviation (ddof=1; 0 for one seed) and seed count of
-    ``metric`` per run and sparsity."""
-    g = results.groupby(["run", "label", "method", "sparsity"], sort=False)[metric]
-    out = g.agg(mean="mean", std="std", seeds="count").reset_index()
-    out["std"] = out["std"].fillna(0.0)
+def summarise(results: pd.DataFrame, accuracy: str = "final", metric: str | None = None) -> pd.DataFrame:
+    """Mean, standard deviation (ddof=1; 0 for one seed) and seed count per
+    run and sparsity (columns mean, std, seeds) of the accuracy ``plot.accuracy``
+    names (``final``: test_top1, ``best``: best_test_top1; :data:`ACCURACY`),
+    or of another column ``metric``; column ``accuracy`` says which, so tables
+    and figures can name it. Columns ``final``, ``final_std``, ``best``,
+    ``best_std`` hold both accuracies (where ``results`` has them), whichever
+    is chosen."""
+    _check_accuracy(accuracy)
+    column = metric or ACCURACY[accuracy][0]
+    spec = {"mean": (column, "mean"), "std": (column, "std"), "seeds": (column, "count")}
+    for name, (col, _) in ACCURACY.items():
+        if col in results:
+            spec[name], spec[f"{name}_std"] = (col, "mean"), (col, "std")
+    out = results.groupby(["run", "label", "method", "sparsity"], sort=False).agg(**spec).reset_index()
+    for col in [c for c in out.columns if c == "std" or c.endswith("_std")]:
+        out[col] = out[col].fillna(0.0)
+    out["accuracy"] = metric or accuracy
     return out
+
+
+def _accuracy_of(summary: pd.DataFrame) -> str:
+    """The accuracy a summary holds (its ``accuracy`` column; ``final`` without one)."""
+    if "accuracy" in summary and len(summary):
+        return str(summary["accuracy"].iloc[0])
+    return "final"
 
 
 def accuracy_table(summary: pd.DataFrame, sparsities: Iterable[float] | None = None) -> pd.DataFrame:
     """Table 1 layout: one row per run, one column per sparsity (percent),
-    cells ``mean ± std``; a dense run fills every column with its one value."""
+    cells ``mean ± std``; a dense run fills every column with its one value.
+    The header's first cell names the accuracy shown (the summary's
+    ``accuracy``): ``method \\ sparsity (%): final test top-1 (%)``."""
     cols = sorted({float(s) for s in (sparsities if sparsities is not None else summary["sparsity"]) if s > 0})
     table = {}
     for (run, label), g in summary.groupby(["run", "label"], sort=False):
@@ -582,7 +664,7 @@ def accuracy_table(summary: pd.DataFrame, sparsities: Iterable[float] | None = N
             row[sparsity_label(s)] = f"{m:.2f} ± {sd:.2f}" if n > 1 else f"{m:.2f}"
         table[label] = row
     frame = pd.DataFrame.from_dict(table, orient="index")
-    frame.index.name = "method"
+    frame.index.name = f"method \\ sparsity (%): {accuracy_caption(_accuracy_of(summary))}"
     return frame
 
 
@@ -597,11 +679,13 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 def write_dvc_series(summary: pd.DataFrame, histories: pd.DataFrame, out_dir: str | os.PathLike) -> None:
     """Small CSV files for ``dvc plots``: ``accuracy/<run>.csv`` (sparsity,
-    test_top1, std) and ``curves/<run>.csv`` (epoch, test_top1 at the highest
-    sparsity, mean over seeds)."""
+    test_top1, std, accuracy: the summary's accuracy, ``final`` or ``best``,
+    under the column name dvc.yaml plots, and which one it is) and
+    ``curves/<run>.csv`` (epoch, test_top1 at the highest sparsity, mean over
+    seeds)."""
     out = Path(out_dir)
     for run, g in summary.groupby("run", sort=False):
-        f = g[["sparsity", "mean", "std"]].rename(columns={"mean": "test_top1"})
+        f = g[["sparsity", "mean", "std"]].rename(columns={"mean": "test_top1"}).assign(accuracy=_accuracy_of(g))
         atomic_write_text(f.to_csv(index=False), out / "accuracy" / f"{run}.csv")
     for run, g in histories.groupby("run", sort=False):
         g = g[(g["sparsity"] - g["sparsity"].max()).abs() < 1e-12]
@@ -610,11 +694,19 @@ def write_dvc_series(summary: pd.DataFrame, histories: pd.DataFrame, out_dir: st
 
 
 def write_metrics(summary: pd.DataFrame, path: str | os.PathLike) -> dict:
-    """``metrics.json`` for ``dvc metrics show`` / ``dvc exp show``:
-    ``{run: {tag: mean test_top1}}``."""
+    """``metrics.json`` for ``dvc metrics show`` / ``dvc exp show``: both
+    accuracies, whichever the figures show, as ``{"final": {run: {tag: mean
+    test_top1}}, "best": {run: {tag: mean best_test_top1}}}`` (DVC's columns
+    ``final.<run>.<tag>``, ``best.<run>.<tag>``); a summary holding one of
+    them (no ``final`` / ``best`` columns) gives that one only."""
     metrics: dict = {}
-    for row in summary.itertuples():
-        metrics.setdefault(row.run, {})[sparsity_tag(row.sparsity)] = round(float(row.mean), 4)
+    for name in ACCURACY:
+        column = name if name in summary else "mean" if _accuracy_of(summary) == name else None
+        if column is None:
+            continue
+        for row in summary.itertuples():
+            metrics.setdefault(name, {}).setdefault(row.run, {})[sparsity_tag(row.sparsity)] = \
+                round(float(getattr(row, column)), 4)
     atomic_write_text(json.dumps(metrics, indent=1) + "\n", path)
     return metrics
 
@@ -659,7 +751,9 @@ def sparsity_position(sparsity):
 
 def plot_accuracy(summary: pd.DataFrame, ax=None, title: str | None = None):
     """Figure 1 panel: mean test accuracy vs sparsity, a band of one standard
-    deviation over seeds, one line per run; a dense run is a horizontal line."""
+    deviation over seeds, one line per run; a dense run is a horizontal line.
+    The y label and the title name the accuracy (the summary's ``accuracy``:
+    final, or best over epochs)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -676,15 +770,17 @@ def plot_accuracy(summary: pd.DataFrame, ax=None, title: str | None = None):
     for _, row in summary[summary["method"] == DENSE].iterrows():
         ax.axhline(row["mean"], color="black", ls="--", lw=1, label=f"{row['label']} ({row['mean']:.1f})")
     sparsity_axis(ax, pruned["sparsity"])
-    ax.set_ylabel("test accuracy (%)")
-    if title:
-        ax.set_title(title)
+    caption = accuracy_caption(_accuracy_of(summary))
+    ax.set_ylabel(caption)
+    ax.set_title(f"{title}: {caption}" if title else caption)
     ax.legend(fontsize="small", ncols=2)
     return ax
 
 
 def plot_curves(histories: pd.DataFrame, sparsity: float, metric: str = "test_top1", ax=None):
-    """Learning curves at one sparsity: ``metric`` per epoch, mean over seeds, one line per run."""
+    """Learning curves at one sparsity: ``metric`` per epoch, mean over seeds,
+    one line per run. The final accuracy is each line's last point, the best
+    over epochs its highest (the title says so for test top-1)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -692,7 +788,10 @@ def plot_curves(histories: pd.DataFrame, sparsity: float, metric: str = "test_to
         _, ax = plt.subplots(figsize=(6.4, 4.2))
     h = histories[(histories["sparsity"] - sparsity).abs() < 1e-9]
     sns.lineplot(data=h, x="epoch", y=metric, hue="label", errorbar="sd", ax=ax)
-    ax.set_title(f"{metric} per epoch at {sparsity_label(sparsity)} % sparsity")
+    what = "test top-1 (%)" if metric == "test_top1" else metric
+    ax.set_ylabel(what)
+    ax.set_title(f"{what} per epoch at {sparsity_label(sparsity)} % sparsity"
+                 + ("\n(final: the last epoch; best over epochs: the highest)" if metric == "test_top1" else ""))
     ax.legend(fontsize="small")
     return ax
 

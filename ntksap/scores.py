@@ -12,31 +12,55 @@ line to :data:`METHODS`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Tensor = torch.Tensor
 Scores = dict[str, Tensor]
+
+
+BN_MODES = ("train", "eval", "unperturbed")
+"""How BatchNorm normalises while a method scores (``Method.bn_mode``,
+``prune(bn_mode=...)``): ``train`` with each forward pass's own batch statistics;
+``eval`` with the model's running statistics; ``unperturbed`` (NTK-SAP only) with
+the unperturbed network's batch statistics, shared by both passes of eq. 10."""
+
+GRASP_HESSIAN = ("auto", "autograd", "finite_difference")
+"""How GraSP computes its Hessian-gradient product: ``autograd`` (double
+backward), ``finite_difference`` (a central difference of gradients), or
+``auto`` (autograd; the finite difference, with a warning, where an operation of
+the model has no double backward)."""
+
+
+class UnusedWeightWarning(UserWarning):
+    """A masked weight that no gradient reaches: its module is never used by the forward."""
 
 
 @dataclass
 class ScoreContext:
     """Everything a score function may need besides the model and masks.
 
-    ``data`` holds (inputs, targets) batches already on ``device``; ``input_shape``
-    is one input's (C, H, W); ``num_samples``/``batch_size`` size the noise set
-    of NTK-SAP; ``init_fn(module)`` re-draws a model's weights in place.
+    ``data`` is the prune set: a re-iterable of (inputs, targets) batches, kept
+    where the caller has it (usually the CPU); iterate it with :meth:`batches`,
+    which moves one batch at a time to ``device``, one new pass per call (a
+    shuffling, augmenting loader re-draws). ``input_shape`` is one input's shape;
+    ``num_samples``/``batch_size`` size the noise set of NTK-SAP;
+    ``init_fn(module)`` re-draws a model's weights in place; ``bn_mode`` is one
+    of :data:`BN_MODES` (``None``: the method's own).
     """
 
     device: torch.device
     input_shape: tuple[int, ...]
-    data: list[tuple[Tensor, Tensor]] | None = None
+    data: Iterable | None = None
     num_samples: int = 100
     batch_size: int = 256
     rounds: int = 1
@@ -44,9 +68,34 @@ class ScoreContext:
     init_fn: Callable[[nn.Module], None] | None = None
     channels_last: bool = False
     grasp_temperature: float = 200.0
+    grasp_hessian: str = "auto"
+    synflow_dtype: torch.dtype = torch.float64
     redraw: bool = True
     noise_inputs: bool = True
+    bn_mode: str | None = None
     extra: dict = field(default_factory=dict)
+
+    def batches(self, source: Iterable | None = None, method: str = "this method") -> Iterator[tuple[Tensor, Tensor]]:
+        """One pass over ``source`` (default: :attr:`data`), each (inputs, targets)
+        batch checked (:func:`check_batch`) and moved to :attr:`device` on its own."""
+        source = self.data if source is None else source
+        if source is None:
+            raise ValueError(f"data=None: method {method!r} needs real (inputs, targets) batches")
+        for i, batch in enumerate(source):
+            x, y = check_batch(i, batch, self.input_shape)
+            yield _to_format(x.to(self.device), self.channels_last), y.to(self.device)
+
+
+def check_batch(i: int, batch, input_shape: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+    """``batch`` (the ``i``-th of ``data``) as an (inputs, targets) pair of tensors
+    whose inputs have shape (B, *input_shape); ``ValueError`` otherwise."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
+            and isinstance(batch[1], torch.Tensor)):
+        raise ValueError(f"data: batch {i} is not an (inputs, targets) pair of tensors")
+    x, y = batch[0], batch[1]
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"data: batch {i} has inputs of shape {tuple(x.shape[1:])}, expected {tuple(input_shape)}")
+    return x, y
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -54,9 +103,26 @@ def _to_format(t: Tensor, channels_last: bool) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
 
 
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module, bn_mode: str = "eval"):
+    """Run ``model`` as a method scores: every module in eval mode (dropout off,
+    so scores depend on the seed alone) except BatchNorm layers, which are in
+    train mode (batch statistics) for ``bn_mode="train"``. Restores every
+    module's own ``training`` flag afterwards, whatever it was."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        for m in model.modules():
+            m.training = bn_mode == "train" and isinstance(m, nn.modules.batchnorm._BatchNorm)
+        yield model
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
 def model_tensors(model: nn.Module, device, dtype=None, channels_last: bool = False) -> tuple[dict, dict]:
     """Detached copies of the model's parameters and buffers on ``device``:
-    (params, buffers), each name -> tensor, as ``functional_call`` takes them."""
+    (params, buffers), each name -> tensor, as ``functional_call`` takes them
+    (a tied weight once, under its ``named_parameters`` name)."""
     def conv(t: Tensor) -> Tensor:
         t = t.detach().to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else None, copy=True)
         return _to_format(t, channels_last)
@@ -83,8 +149,22 @@ def _leaf_masks(masks: Mapping[str, Tensor], device, dtype=torch.float32, channe
             for n, m in masks.items()}
 
 
-def _grad_or_zero(t: Tensor) -> Tensor:
-    return t.grad.detach().contiguous() if t.grad is not None else torch.zeros_like(t).contiguous()
+def warn_unused(names: Iterable[str], method: str) -> None:
+    """Warn (:class:`UnusedWeightWarning`) that no gradient reaches the masked
+    weights ``names``: they would silently score 0 and be pruned first."""
+    names = list(names)
+    if names:
+        warnings.warn(f"{method}: no gradient reaches the masked weight(s) {', '.join(map(repr, names))}: the "
+                      "forward pass never uses their module, so they score 0 and are pruned before any used "
+                      "weight. Leave them out with exclude=[<module name>] or check the model's forward.",
+                      UnusedWeightWarning, stacklevel=3)
+
+
+def mask_grads(leaves: Mapping[str, Tensor], method: str) -> Scores:
+    """The ``.grad`` of each leaf (zeros where none arrived, with a warning)."""
+    warn_unused([n for n, t in leaves.items() if t.grad is None], method)
+    return {n: t.grad.detach().contiguous() if t.grad is not None else torch.zeros_like(t).contiguous()
+            for n, t in leaves.items()}
 
 
 # -- data-free baselines --------------------------------------------------------------
@@ -100,51 +180,114 @@ def magnitude_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreCo
 
 
 # -- data-dependent baselines ----------------------------------------------------------
-def _require_data(ctx: ScoreContext, method: str) -> list:
-    if not ctx.data:
-        raise ValueError(f"data=None: method {method!r} needs real (inputs, targets) batches")
-    return ctx.data
-
-
 def snip_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext) -> Scores:
-    """SNIP: ``|dL/dm|`` at the current mask, L = cross-entropy summed over the
-    prune batches (each batch's mean), BN in eval mode (running statistics), as
-    the authors' code prunes. At m = 1 this is ``|theta * dL/dtheta|``.
-    Iterative SNIP is this score re-computed on the current masked network."""
-    data = _require_data(ctx, "snip")
+    """SNIP: ``|dL/dm|`` at the current mask, L = cross-entropy summed over one
+    pass of the prune batches (each batch's mean). At m = 1 this is
+    ``|theta * dL/dtheta|``; iterative SNIP is this score re-computed on the
+    current masked network, one new pass of ``ctx.data`` per iteration.
+    BatchNorm as the model's modules are set (:data:`METHODS` runs it in train
+    mode, batch statistics, as the authors' code prunes)."""
     params, buffers = model_tensors(model, ctx.device, channels_last=ctx.channels_last)
-    m = _leaf_masks(masks, ctx.device, channels_last=ctx.channels_last)
-    for x, y in data:
-        out = call(model, masked_params(params, m), buffers, _to_format(x, ctx.channels_last))
-        F.cross_entropy(out, y).backward()
-    return {n: _grad_or_zero(m[n]).abs() for n in masks}
+    m = {n: _to_format(v.to(params[n]), ctx.channels_last).clone().requires_grad_(True) for n, v in masks.items()}
+    for x, y in ctx.batches(method="snip"):
+        F.cross_entropy(call(model, masked_params(params, m), buffers, x), y).backward()
+    return {n: g.abs() for n, g in mask_grads(m, "snip").items()}
+
+
+def _is_missing_double_backward(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return "derivative for" in text or "double backward" in text or "not implemented" in text
 
 
 def grasp_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext) -> Scores:
     """GraSP: ``theta * (H g)`` with g the gradient of the loss (logits divided by
-    the temperature, 200) w.r.t. the prunable weights summed over the prune
-    batches, H the Hessian of the loss; the *largest* values are kept.
-    BN in eval mode as in the authors' code."""
-    data = _require_data(ctx, "grasp")
+    the temperature, 200) w.r.t. the prunable weights summed over one pass of
+    the prune batches, H the Hessian of the loss on the same batches; the
+    *largest* values are kept. BatchNorm as the model's modules are set
+    (:data:`METHODS`: train mode, as the authors' code prunes).
+
+    ``ctx.grasp_hessian`` (:data:`GRASP_HESSIAN`) picks how ``H g`` is formed:
+    double backward (attention runs its math kernel, which has one), or the
+    central difference ``(grad L(w + h g) - grad L(w - h g)) / 2h`` in float64
+    with ``h ||g|| = eps^(1/3) ||w||`` (relative error ~1e-8 against autograd).
+    """
     T = ctx.grasp_temperature
     params, buffers = model_tensors(model, ctx.device, channels_last=ctx.channels_last)
     names = list(masks)
     theta = {n: params[n] for n in names}
-    w = {n: (params[n] * masks[n].to(params[n])).detach().requires_grad_(True) for n in names}
+    w0 = {n: (params[n] * masks[n].to(params[n])).detach() for n in names}
 
-    def loss(x, y):
-        return F.cross_entropy(call(model, {**params, **w}, buffers, _to_format(x, ctx.channels_last)) / T, y)
+    def loss(w, x, y, p=params, b=buffers):
+        return F.cross_entropy(call(model, {**p, **w}, b, x) / T, y)
 
-    g = [torch.zeros_like(w[n]) for n in names]
-    for x, y in data:  # first gradient, no graph
-        for acc, gi in zip(g, torch.autograd.grad(loss(x, y), [w[n] for n in names])):
-            acc += gi
-    hg = [torch.zeros_like(w[n]) for n in names]
-    for x, y in data:  # Hessian-gradient product: d/dw (g . dL/dw)
-        grads = torch.autograd.grad(loss(x, y), [w[n] for n in names], create_graph=True)
-        z = sum((gi * si).sum() for gi, si in zip(grads, g))
-        for acc, h in zip(hg, torch.autograd.grad(z, [w[n] for n in names])):
-            acc += h
+    def gradient(w, batches, p=params, b=buffers):
+        """Sum over ``batches`` of dL/dw at ``w`` (no graph kept, inputs in ``w``'s
+        dtype); which weights got none."""
+        w = {n: v.detach().requires_grad_(True) for n, v in w.items()}
+        dtype = next(iter(w.values())).dtype
+        total, unused = [torch.zeros_like(w[n]) for n in names], set()
+        for x, y in batches:
+            gs = torch.autograd.grad(loss(w, x.to(dtype), y, p, b), [w[n] for n in names], allow_unused=True)
+            for n, acc, gi in zip(names, total, gs):
+                if gi is None:
+                    unused.add(n)
+                else:
+                    acc += gi
+        return total, unused
+
+    reuse = isinstance(ctx.data, (list, tuple))  # a loader would re-draw: keep this pass's batches (host)
+    held: list = []
+
+    def first_pass():
+        for x, y in ctx.batches(method="grasp"):
+            if not reuse:
+                held.append((x.cpu(), y.cpu()))
+            yield x, y
+
+    g, unused = gradient(w0, first_pass())  # first gradient, no graph
+    warn_unused([n for n in names if n in unused], "grasp")
+    w = {n: v.clone().requires_grad_(True) for n, v in w0.items()}
+
+    def second_pass():
+        return ctx.batches(None if reuse else held, method="grasp")
+
+    mode = ctx.grasp_hessian
+    hg = None
+    if mode in ("auto", "autograd"):
+        try:
+            hg = [torch.zeros_like(w[n]) for n in names]
+            with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU attention kernels lack double backward
+                for x, y in second_pass():  # Hessian-gradient product: d/dw (g . dL/dw)
+                    grads = torch.autograd.grad(loss(w, x, y), [w[n] for n in names], create_graph=True,
+                                                allow_unused=True)
+                    z = sum((gi * si).sum() for gi, si in zip(grads, g) if gi is not None)
+                    for acc, h in zip(hg, torch.autograd.grad(z, [w[n] for n in names], allow_unused=True)):
+                        if h is not None:
+                            acc += h
+        except RuntimeError as exc:
+            if not _is_missing_double_backward(exc):
+                raise
+            if mode == "autograd":
+                raise ValueError(f"grasp_hessian='autograd': an operation of the model has no double backward "
+                                 f"({exc}); use grasp_hessian='finite_difference' (or 'auto') to form the "
+                                 "Hessian-gradient product from a central difference of gradients") from exc
+            warnings.warn(f"grasp: an operation of the model has no double backward ({str(exc).splitlines()[0]}); "
+                          "using a central difference of gradients for H g (grasp_hessian='finite_difference')",
+                          RuntimeWarning, stacklevel=3)
+            hg = None
+    if hg is None:  # in float64: the gradient of L / 200 changes by ~1e-5 relative, below float32's noise
+        p64, b64 = model_tensors(model, ctx.device, dtype=torch.float64, channels_last=ctx.channels_last)
+        w64 = {n: v.double() for n, v in w0.items()}
+        g64 = [v.double() for v in g]
+        w_norm = torch.sqrt(sum((v ** 2).sum() for v in w64.values()))
+        g_norm = torch.sqrt(sum((v ** 2).sum() for v in g64))
+        h = float(torch.finfo(torch.float64).eps ** (1 / 3) * w_norm / g_norm) if g_norm > 0 else 0.0
+        if h == 0.0:
+            hg = [torch.zeros_like(v) for v in g]
+        else:
+            plus, _ = gradient({n: w64[n] + h * gi for n, gi in zip(names, g64)}, second_pass(), p64, b64)
+            minus, _ = gradient({n: w64[n] - h * gi for n, gi in zip(names, g64)}, second_pass(), p64, b64)
+            hg = [((a - b) / (2 * h)).to(gi.dtype) for a, b, gi in zip(plus, minus, g)]
     return {n: (theta[n] * h).contiguous() for n, h in zip(names, hg)}
 
 
@@ -152,15 +295,20 @@ def grasp_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContex
 def synflow_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext) -> Scores:
     """SynFlow: ``|theta * dR/dtheta|`` = ``|dR/dm|`` with R = sum of the output of
     the network whose parameters and buffers are replaced by their absolute
-    values, on an all-ones input, BN in eval mode. Computed in float64 so deep
-    nets (VGG-16, ResNet-50) do not overflow."""
-    params, buffers = model_tensors(model, ctx.device, dtype=torch.float64)
+    values, on an all-ones input. :data:`METHODS` runs it with BatchNorm in eval
+    mode (the running statistics, made absolute: 0 and 1 at initialisation), as
+    the authors do; in train mode its single input would be normalised by its
+    own statistics. Computed in ``ctx.synflow_dtype``: float64 by default, so
+    deep nets (VGG-16, ResNet-50) do not overflow; float32 is the authors'
+    (with their count rule, their ResNet-20 masks come out bit for bit)."""
+    dtype = ctx.synflow_dtype
+    params, buffers = model_tensors(model, ctx.device, dtype=dtype)
     params = {n: p.abs() for n, p in params.items()}
     buffers = {n: (b.abs() if b.is_floating_point() else b) for n, b in buffers.items()}
-    m = _leaf_masks(masks, ctx.device, dtype=torch.float64)
-    x = torch.ones((1, *ctx.input_shape), dtype=torch.float64, device=ctx.device)
+    m = _leaf_masks(masks, ctx.device, dtype=dtype)
+    x = torch.ones((1, *ctx.input_shape), dtype=dtype, device=ctx.device)
     call(model, masked_params(params, m), buffers, x).sum().backward()
-    return {n: _grad_or_zero(m[n]).abs() for n in masks}
+    return {n: g.abs() for n, g in mask_grads(m, "synflow").items()}
 
 
 # -- NTK-SAP ------------------------------------------------------------------------
@@ -170,7 +318,7 @@ def bn_batch_statistics(model: nn.Module, params: Mapping[str, Tensor], buffers:
     the network ``params`` on ``x`` (mean and unbiased variance), as one no-grad
     train-mode pass with momentum 1 after a reset sets them (PAPER.md section 2).
     Other buffers are returned unchanged. The model's own modules are untouched
-    apart from a temporary momentum of 1."""
+    apart from a temporary momentum of 1 and mode (:func:`scoring_mode`)."""
     bns = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
            and mod.track_running_stats}
     fresh = dict(buffers)
@@ -179,47 +327,49 @@ def bn_batch_statistics(model: nn.Module, params: Mapping[str, Tensor], buffers:
         fresh[pre + "running_mean"] = torch.zeros_like(buffers[pre + "running_mean"])
         fresh[pre + "running_var"] = torch.ones_like(buffers[pre + "running_var"])
         fresh[pre + "num_batches_tracked"] = torch.zeros_like(buffers[pre + "num_batches_tracked"])
-    saved = {name: (mod.momentum, mod.training) for name, mod in bns.items()}
-    was_training = model.training
+    momenta = {name: mod.momentum for name, mod in bns.items()}
     try:
-        model.train()
         for mod in bns.values():
             mod.momentum = 1.0
-        with torch.no_grad():
+        with scoring_mode(model, "train"), torch.no_grad():
             call(model, params, fresh, x)
     finally:
-        model.train(was_training)
         for name, mod in bns.items():
-            mod.momentum, training = saved[name]
-            mod.train(training)
+            mod.momentum = momenta[name]
     return fresh
 
 
 def ntksap_batch_mask_grad(model: nn.Module, theta: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                           masks: Mapping[str, Tensor], z: Tensor, delta: Mapping[str, Tensor]) -> Scores:
+                           masks: Mapping[str, Tensor], z: Tensor, delta: Mapping[str, Tensor],
+                           bn_mode: str = "unperturbed") -> Scores:
     """Gradient w.r.t. the mask of one noise mini-batch's term of equation 10:
 
         d/dm  sum_i || f(z_i; theta*m) - f(z_i; (theta + delta)*m) ||^2
 
     ``theta``: all parameters (re-drawn weights); ``delta``: the perturbation of
-    each masked weight (std epsilon); ``z``: (B, C, H, W) noise. BatchNorm uses
-    the unperturbed network's batch statistics on ``z`` in both passes (shared,
-    no gradient), the networks run in eval mode. Returns name -> gradient.
+    each masked weight (std epsilon); ``z``: (B, C, H, W) noise. BatchNorm
+    (``bn_mode``): ``unperturbed`` (the paper) normalises both passes with the
+    unperturbed network's batch statistics on ``z`` (shared, no gradient, the
+    networks in eval mode); ``train`` gives each pass its own batch statistics;
+    ``eval`` uses ``buffers`` (running statistics) as they are.
+    Returns name -> gradient.
     """
     m = {n: v.detach().clone().requires_grad_(True) for n, v in masks.items()}
-    stats = bn_batch_statistics(model, masked_params(theta, masks), buffers, z)
+    if bn_mode == "unperturbed":
+        stats, mode = bn_batch_statistics(model, masked_params(theta, masks), buffers, z), "eval"
+    else:
+        stats, mode = dict(buffers), bn_mode
     perturbed = dict(theta)
     for n, d in delta.items():
         perturbed[n] = theta[n] + d
-    was_training = model.training
-    model.eval()
-    try:
-        out_u = call(model, masked_params(theta, m), stats, z)
-        out_p = call(model, masked_params(perturbed, m), stats, z)
+    def own(b):  # train mode updates the running statistics it is given: each pass gets a copy
+        return {k: v.clone() for k, v in b.items()} if mode == "train" else b
+
+    with scoring_mode(model, mode):
+        out_u = call(model, masked_params(theta, m), own(stats), z)
+        out_p = call(model, masked_params(perturbed, m), own(stats), z)
         (out_u - out_p).pow(2).sum().backward()
-    finally:
-        model.train(was_training)
-    return {n: _grad_or_zero(m[n]) for n in masks}
+    return mask_grads(m, "ntksap")
 
 
 def redraw_weights(scratch: nn.Module, init_fn: Callable[[nn.Module], None], device,
@@ -265,21 +415,25 @@ def ntksap_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreConte
     _, buffers = model_tensors(model, ctx.device, channels_last=cl)
     live = {n: _to_format(m.to(ctx.device), cl) for n, m in masks.items()}
     total = {n: torch.zeros_like(m) for n, m in live.items()}
-    if ctx.noise_inputs:
-        sizes = noise_batch_sizes(ctx.num_samples, ctx.batch_size)
-    else:
-        sizes = [x.shape[0] for x, _ in _require_data(ctx, "ntksap with noise_inputs=False")]
     fixed = None if ctx.redraw else model_tensors(model, ctx.device, channels_last=cl)[0]
+    bn_mode = ctx.bn_mode or "unperturbed"
+
+    def inputs():  # one round's mini-batches: noise of the noise-batch sizes, or one pass of the prune set
+        if ctx.noise_inputs:
+            yield from noise_batch_sizes(ctx.num_samples, ctx.batch_size)
+        else:
+            yield from (x for x, _ in ctx.batches(method="ntksap with noise_inputs=False"))
+
     for _ in range(ctx.rounds):
-        for i, b in enumerate(sizes):
+        for b in inputs():
             theta = redraw_weights(scratch, init_fn, ctx.device, cl) if ctx.redraw else fixed
             if ctx.noise_inputs:
                 z = _to_format(torch.randn((b, *ctx.input_shape), device=ctx.device), cl)
             else:
-                z = _to_format(ctx.data[i][0], cl)
+                z = b
             delta = {n: ctx.epsilon * torch.randn(theta[n].shape, device=ctx.device) for n in live}
             delta = {n: _to_format(d, cl) for n, d in delta.items()}
-            for n, g in ntksap_batch_mask_grad(model, theta, buffers, live, z, delta).items():
+            for n, g in ntksap_batch_mask_grad(model, theta, buffers, live, z, delta, bn_mode).items():
                 total[n] += g
     return {n: t.abs().contiguous() for n, t in total.items()}
 
@@ -287,13 +441,30 @@ def ntksap_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreConte
 # -- the registry ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Method:
-    """A pruning method: its score function and the paper's defaults."""
+    """A pruning method: its score function, the paper's defaults, and how
+    BatchNorm behaves while it scores (``bn_mode``, one of ``bn_modes``, which
+    are the :data:`BN_MODES` a user may choose instead).
+
+    Calling it scores in that mode (:func:`scoring_mode`) and leaves the
+    model's modules as it found them: ``METHODS["snip"](model, masks, ctx)``.
+    """
 
     score: Callable[[nn.Module, Mapping[str, Tensor], ScoreContext], Scores]
     iterations: int = 1
     needs_data: bool = False
     description: str = ""
     defaults: dict = field(default_factory=dict)
+    bn_mode: str = "train"
+    bn_modes: tuple[str, ...] = ("train", "eval")
+
+    def __call__(self, model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext) -> Scores:
+        mode = ctx.bn_mode or self.bn_mode
+        if mode not in self.bn_modes:
+            raise ValueError(f"bn_mode={mode!r} is not allowed for this method; allowed: {list(self.bn_modes)}")
+        if ctx.bn_mode != mode:
+            ctx = replace(ctx, bn_mode=mode)
+        with scoring_mode(model, "train" if mode == "train" else "eval"):
+            return self.score(model, masks, ctx)
 
 
 METHODS: dict[str, Method] = {
@@ -302,7 +473,12 @@ METHODS: dict[str, Method] = {
     "snip": Method(snip_scores, 1, True, "|theta * dL/dtheta| on real data (Lee et al. 2019)"),
     "iterative_snip": Method(snip_scores, 100, True, "SNIP re-scored on the masked net, exponential schedule"),
     "grasp": Method(grasp_scores, 1, True, "theta * Hg, largest kept (Wang et al. 2020)"),
-    "synflow": Method(synflow_scores, 100, False, "synaptic flow on |theta|, all-ones input (Tanaka et al. 2020)"),
+    "synflow": Method(synflow_scores, 100, False, "synaptic flow on |theta|, all-ones input (Tanaka et al. 2020)",
+                      bn_mode="eval"),
     "ntksap": Method(ntksap_scores, 20, False, "NTK-SAP, eq. 10 (Wang et al. 2023)",
-                     {"rounds": 5, "epsilon": 0.01}),
+                     {"rounds": 5, "epsilon": 0.01}, bn_mode="unperturbed", bn_modes=BN_MODES),
 }
+"""The methods by name. BatchNorm while scoring, as the authors' code runs
+them (PAPER.md section 3): random, magnitude, SNIP, iterative SNIP and GraSP in
+train mode (batch statistics; ``--prune-train-mode True`` of their script),
+SynFlow in eval mode, NTK-SAP with the unperturbed network's statistics."""

@@ -14,8 +14,11 @@ keeping pruned weights exactly zero. After every epoch it writes, atomically:
 
 At the end: ``out_dir/model.pt`` (final ``state_dict``) and
 ``out_dir/metrics.json`` (``test_top1, test_top5, test_loss, best_test_top1,
-train_loss, train_acc, epochs, density, sparsity``). Accuracies are
-percentages (0-100) everywhere, as in the paper.
+best_test_top5, best_epoch, train_loss, train_acc, epochs, density,
+sparsity``): the ``test_*`` values are the final epoch's, the ``best_*`` ones
+the epoch with the highest test top-1 (the first such; its top-5), what the
+authors' training loop reports (epoch 0, the untrained network, with
+``epochs: 0``). Accuracies are percentages (0-100) everywhere, as in the paper.
 """
 
 from __future__ import annotations
@@ -351,8 +354,10 @@ def _write_outputs(out_dir: Path, model: nn.Module, history: list[dict], density
         else:  # epochs == 0: the untrained model's test metrics
             last = {"epoch": 0, "test_top1": at_init["top1"], "test_top5": at_init["top5"],
                     "test_loss": at_init["loss"], "train_loss": float("nan"), "train_acc": float("nan")}
+        best = max(history or [last], key=lambda r: r["test_top1"])  # the first epoch with the highest top-1
         metrics = {"test_top1": last["test_top1"], "test_top5": last["test_top5"], "test_loss": last["test_loss"],
-                   "best_test_top1": max([r["test_top1"] for r in history] or [last["test_top1"]]),
+                   "best_test_top1": best["test_top1"], "best_test_top5": best["test_top5"],
+                   "best_epoch": int(best["epoch"]),
                    "train_loss": last["train_loss"], "train_acc": last["train_acc"], "epochs": int(last["epoch"]),
                    "density": density, "sparsity": 1.0 - density}
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

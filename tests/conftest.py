@@ -40,6 +40,24 @@ class TinyMLP(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
+def image_folders(root: Path, counts: dict[str, int], size=(40, 300), ext: str = ".JPEG", seed: int = 0) -> Path:
+    """Random RGB images of random sizes as ``root/<split>/<class>/<j><ext>``
+    for the ImageNet layout tests; ``counts``: split -> images per class
+    (classes n01, n02, n03)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for c in ("n01", "n02", "n03"):
+            for j in range(n):
+                h, w = rng.integers(*size, size=2)
+                path = root / split / c / f"{j}{ext}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=90)
+    return root
+
+
 @pytest.fixture
 def one_thread():
     """The nets of the training tests are tiny: one thread is fastest, and it does

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ntksap import augment, data
+from conftest import image_folders
 
 # ---------------------------------------------------------------------------------
 # generators of small datasets in each layout
@@ -243,13 +244,7 @@ def test_tiny_imagenet_layout(tmp_path):
 
 
 def test_imagenet_image_folders(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 3), ("val", 1)):
-        for c in ("n01", "n02", "n03"):
-            for j in range(n):
-                h, w = rng.integers(40, 300, size=2)
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-                    _mk(tmp_path / "in" / split / c / f"{j}.JPEG"), quality=90)
+    image_folders(tmp_path / "in", {"train": 3, "val": 1})
     b = data.get_dataset("imagenet", root=tmp_path / "data", local_path=tmp_path / "in")
     assert b.on_disk and b.train_images is None and b.num_train == 9 and b.num_test == 3
     assert b.classes == ["n01", "n02", "n03"] and b.train_labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]

@@ -69,7 +69,8 @@ def test_summaries_and_table_match_a_naive_computation():
     assert table.loc["NTKSAP", "90.00"] == f"{ntk.mean():.2f} ± {ntk.std(ddof=1):.2f}"
     assert table.loc["Dense", "90.00"] == "96.00 ± 1.00"  # a dense run fills every column
     md = pipeline.to_markdown(table)
-    assert md.splitlines()[0] == "| method | 90.00 |" and len(md.splitlines()) == 2 + 3
+    assert md.splitlines()[0] == "| method \\ sparsity (%): final test top-1 (%) | 90.00 |"  # names the accuracy
+    assert len(md.splitlines()) == 2 + 3
 
 
 def test_score_histogram_counts_every_live_weight_once():
@@ -113,6 +114,8 @@ def test_prune_and_train_helpers_with_zero_epochs(tmp_path, monkeypatch):
     assert res.track.empty and list(res.masks["tag"]) == ["sp50_00", "sp90_00"]
     results, history = pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t")
     assert history.empty and list(results["epochs"]) == [0, 0]
+    assert list(results["best_test_top1"]) == list(results["test_top1"]) and list(results["best_epoch"]) == [0, 0]
+    assert list(results["best_test_top5"]) == list(results["test_top5"])  # no epochs: best = final
     bundle = pipeline.load_dataset(cfg)
     from ntksap.data import normalise
 
@@ -266,12 +269,16 @@ def test_train_spectrum_and_plot_outputs(repo, reproduced):
     assert (repo / "docs/figures/micro.png").stat().st_size > 0
     table = (plots / "table.md").read_text()
     assert "NTK-SAP" in table and "Magnitude" in table and "90.00" in table
+    assert "final test top-1 (%)" in table.splitlines()[0]  # plot.accuracy's default, named in the header
     metrics = json.loads((res_dir / "metrics.json").read_text())
+    assert set(metrics) == {"final", "best"}  # both, whichever the figures show
     acc = pd.read_csv(plots / "accuracy.csv")
     for run in MICRO_RUNS:
         for s in cfg.sparsities:
-            mine = acc[(acc["run"] == run) & ((acc["sparsity"] - s).abs() < 1e-12)]["test_top1"].mean()
-            assert metrics[run][pipeline.sparsity_tag(s)] == pytest.approx(mine, abs=1e-4)
+            mine = acc[(acc["run"] == run) & ((acc["sparsity"] - s).abs() < 1e-12)]
+            assert metrics["final"][run][pipeline.sparsity_tag(s)] == pytest.approx(mine["test_top1"].mean(), abs=1e-4)
+            assert metrics["best"][run][pipeline.sparsity_tag(s)] == pytest.approx(mine["best_test_top1"].mean(),
+                                                                                   abs=1e-4)
         assert (plots / "accuracy" / f"{run}.csv").is_file() and (plots / "curves" / f"{run}.csv").is_file()
     shown = json.loads(dvcrepo.run(repo, "dvc", "metrics", "show", "--json").stdout)
     assert "results/micro/metrics.json" in json.dumps(shown)

@@ -139,9 +139,11 @@ def test_queue_runs_a_sweep_in_parallel_into_the_same_tables_and_plots(tmp_path)
             assert params["experiment"] == "micro" and params["prune"]["track"]["mode"] == "none"
             assert params["data"]["root"] == str(shared)
             lr_of[name] = params["train"]["lr"]
-            m = data["metrics"][METRICS]["data"]
-            assert {r: set(m[r]) for r in m} == {r: set(TAGS) for r in RUNS}, m
-            assert all(0 <= m[r][t] <= 100 for r in RUNS for t in TAGS), m
+            m = data["metrics"][METRICS]["data"]  # {final|best: {run: {tag: accuracy}}}
+            assert set(m) == {"final", "best"}, m
+            for which in m:
+                assert {r: set(m[which][r]) for r in m[which]} == {r: set(TAGS) for r in RUNS}, m
+                assert all(0 <= m[which][r][t] <= 100 for r in RUNS for t in TAGS), m
             metrics[name] = m
         assert sorted(lr_of.values()) == sorted(LRS), lr_of
         a, b = names
@@ -155,7 +157,8 @@ def test_queue_runs_a_sweep_in_parallel_into_the_same_tables_and_plots(tmp_path)
             assert {v["rev"] for v in values} == {a, b}, values
             for v in values:
                 tag = "sp" + f"{100 * float(v['sparsity']):05.2f}".replace(".", "_")
-                assert float(v["test_top1"]) == pytest.approx(metrics[v["rev"]][run][tag], abs=1e-3), v
+                assert v["accuracy"] == "final"  # plot.accuracy's default
+                assert float(v["test_top1"]) == pytest.approx(metrics[v["rev"]]["final"][run][tag], abs=1e-3), v
             curves = diff["data"][f"results/micro/plots/curves/{run}.csv"][0]["content"]["data"]["values"]
             assert {v["rev"] for v in curves} == {a, b}, curves
 
