@@ -271,6 +271,18 @@ def method_names() -> list[str]:
     return [*METHODS, DENSE]
 
 
+def bn_modes() -> list[str]:
+    from .scores import BN_MODES
+
+    return list(BN_MODES)
+
+
+def count_rules() -> list[str]:
+    from .pruning import COUNT_RULES
+
+    return list(COUNT_RULES)
+
+
 def model_names() -> list[str]:
     from .models import MODELS
 
@@ -307,7 +319,7 @@ class Run:
                                "or, for NTK-SAP, unperturbed (the unperturbed net's batch statistics in both "
                                "passes); null = the method's own, as the authors' code: eval for SynFlow, "
                                "unperturbed for NTK-SAP, train otherwise",
-                               Optional(Choice(["train", "eval", "unperturbed"]), "the method's own"))
+                               Optional(Choice(bn_modes), "the method's own"))
     label: str | None = knob(None, "legend label (null = the method's name)", Optional(Str()))
 
 
@@ -350,7 +362,7 @@ class Prune:
     count_rule: str = knob("round", "weights kept per iteration: round (exactly round(d N), ties to the earlier "
                            "weight) or authors (N - int((1 - d) N), every weight tied at the threshold pruned, "
                            "as the authors' code: their masks bit for bit from the same scores)",
-                           Choice(["round", "authors"]))
+                           Choice(count_rules))
     track: Track = knob(Track(), "NTK snapshots while pruning", Section(Track))
 
 

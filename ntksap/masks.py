@@ -225,37 +225,39 @@ def enforce_masks_after_step(optimizer: torch.optim.Optimizer, model: nn.Module,
 
 
 # -- torch.nn.utils.prune interoperation ------------------------------------------
-def _split(name: str) -> tuple[str, str]:
-    module_name, _, attr = name.rpartition(".")
-    return module_name, attr
-
-
 def to_torch_prune(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
     """Put ``model`` in ``torch.nn.utils.prune`` form in place: each masked
-    ``weight`` becomes ``weight_orig`` (parameter) and ``weight_mask`` (buffer)."""
+    ``weight`` becomes ``weight_orig`` (parameter) and ``weight_mask`` (buffer),
+    in every module that uses it (a tied weight stays one parameter)."""
     from torch.nn.utils import prune
 
-    check_masks(model, masks)
+    params = check_masks(model, masks)
     for name, mask in masks.items():
-        module_name, attr = _split(name)
-        module = model.get_submodule(module_name)
-        prune.custom_from_mask(module, attr, mask.to(getattr(module, attr).device))
+        for module in model.modules():
+            for attr, p in list(module._parameters.items()):
+                if p is params[name]:
+                    prune.custom_from_mask(module, attr, mask.to(p.device))
     return model
 
 
 def from_torch_prune(model: nn.Module, remove: bool = True) -> Masks:
     """Read the ``*_mask`` buffers of a model pruned with ``torch.nn.utils.prune``;
-    with ``remove=True`` make the pruning permanent (plain ``weight`` again)."""
+    with ``remove=True`` make the pruning permanent (plain ``weight`` again).
+    A tied weight gives one mask, under its ``named_parameters`` name."""
     from torch.nn.utils import prune
 
+    names = parameter_names(model)
     masks = Masks()
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         for buf_name, buf in list(module.named_buffers(recurse=False)):
-            if buf_name.endswith("_mask") and hasattr(module, buf_name[:-5] + "_orig"):
-                attr = buf_name[:-5]
-                masks[f"{module_name}.{attr}" if module_name else attr] = buf.detach().clone()
-                if remove:
-                    prune.remove(module, attr)
+            orig = module._parameters.get(buf_name[:-5] + "_orig") if buf_name.endswith("_mask") else None
+            if orig is None:
+                continue
+            name = names[id(orig)][:-len("_orig")]
+            if name not in masks:
+                masks[name] = buf.detach().clone()
+            if remove:
+                prune.remove(module, buf_name[:-5])
     return masks
 
 

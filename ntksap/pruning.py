@@ -326,7 +326,10 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
     density = 1.0 - float(sparsity)
     masks = Masks({n: torch.ones_like(p, dtype=torch.float32, device="cpu") for n, p in params.items()})
     with torch.random.fork_rng(devices=rng_devices), exact_float32():
-        torch.manual_seed(seed)
+        if rng_devices:
+            torch.manual_seed(seed)  # the CPU's and every CUDA device's generator, all forked above
+        else:  # the CPU's alone: a seed queued for a CUDA not yet initialised would outlive the fork
+            torch.default_generator.manual_seed(seed)
         bar = tqdm(range(1, iterations + 1), desc=f"prune[{method}]", disable=not progress or iterations == 1,
                    leave=False)
         for t in bar:

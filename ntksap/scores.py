@@ -4,10 +4,12 @@ A score function has the signature ``score(model, masks, ctx) -> dict`` and
 returns, for every masked parameter name, a tensor of scores with that
 parameter's shape; the pruning loop (:mod:`ntksap.pruning`) multiplies them by
 the live mask and keeps the largest. Scoring never modifies the model: it runs
-the network with ``torch.func.functional_call`` on copies of its tensors.
+the network with ``torch.func.functional_call`` on copies of its tensors, with
+BatchNorm in the mode its :class:`Method` entry declares (``bn_mode``), whatever
+mode the caller's model is in, and restores every module's mode afterwards.
 
 To add a method: write ``def my_scores(model, masks, ctx)`` here and add one
-line to :data:`METHODS`.
+line to :data:`METHODS` (its ``bn_mode``: ``train`` or ``eval``).
 """
 
 from __future__ import annotations

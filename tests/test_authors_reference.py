@@ -65,16 +65,18 @@ def test_mean_layer_profile_is_within_tolerance_of_the_authors(method):
             ours.append([masks[n].mean().item() for n in layers])
         diff = (torch.tensor(ours).mean(0) - theirs).abs()
         worst = int(diff.argmax())
+        print(f"{method} at {sparsity:.4f}: largest |mean density - theirs| {diff.max():.4f} ({layers[worst]})")
         assert diff.max() <= TOLERANCE, (f"{method} at {sparsity:.4f}: {layers[worst]} has mean density "
                                          f"{torch.tensor(ours).mean(0)[worst]:.4f}, theirs {theirs[worst]:.4f}")
 
 
-@pytest.mark.parametrize("method,tolerance", [("magnitude", 1), ("snip", 1), ("grasp", 1), ("synflow", 0)])
+@pytest.mark.parametrize("method,tolerance", [("magnitude", 2), ("snip", 2), ("grasp", 2), ("synflow", 0)])
 def test_with_their_count_rule_the_masks_are_theirs(method, tolerance):
     """Same draws, the same target density (0.8^k exactly), their kept-count
     and tie rule, their precision: per layer the kept counts equal theirs
-    (SynFlow, 100 iterations, exactly; single-shot methods up to one weight in
-    all, float rounding of their score normalisation at the threshold)."""
+    (SynFlow, 100 iterations, exactly; single-shot methods up to one weight
+    moved across the threshold, 2 in the sum of |differences|, by the float
+    rounding of their score normalisation)."""
     extra = dict(synflow_dtype="float32") if method == "synflow" else {}
     for r in runs_of(method):
         masks = our_masks(method, 1 - 0.8 ** r["k"], r["seed"], count_rule="authors", channels_last=False, **extra)

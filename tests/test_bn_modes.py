@@ -192,3 +192,18 @@ def test_pipeline_refuses_a_bn_mode_the_method_does_not_have():
         parse_params(data)
     data["runs"]["probe"] = {"method": "snip", "bn_mode": "eval"}
     assert parse_params(data).runs["probe"].bn_mode == "eval"
+
+
+def test_pipeline_count_rule_is_validated_and_reaches_prune():
+    from ntksap.config import ParamsError, compose, parse_params
+    from ntksap.pipeline import prune_kwargs
+
+    data = compose("micro")
+    data["prune"]["count_rule"] = "nearest"
+    with pytest.raises(ParamsError, match=r"prune.count_rule='nearest' is not allowed.*round, authors"):
+        parse_params(data)
+    data["prune"]["count_rule"] = "authors"
+    data["runs"]["ntksap"]["bn_mode"] = "train"
+    cfg = parse_params(data)
+    kw = prune_kwargs(cfg, "ntksap", 0, (1, 8, 8))
+    assert kw["count_rule"] == "authors" and kw["bn_mode"] == "train"

@@ -223,3 +223,15 @@ def test_weights_the_forward_never_uses_are_named_in_a_warning(method):
         kw["data"] = data_for((4,), 3)
     with pytest.warns(UnusedWeightWarning, match=r"'spare.weight'"):
         ntksap.prune(UnusedBranch(), method, 0.5, input_shape=(4,), progress=False, **kw)
+
+
+def test_tied_weight_round_trips_through_torch_prune():
+    torch.manual_seed(0)
+    model = TiedNet()
+    masks = ntksap.prune(model, "magnitude", 0.5, input_shape=(6,), progress=False, apply=False)
+    ntksap.to_torch_prune(model, masks)
+    assert model.out.weight_orig is model.emb.weight_orig  # still one parameter
+    assert torch.all(model.out.weight[masks["emb.weight"] == 0] == 0)  # both users see the mask
+    back = ntksap.from_torch_prune(model)
+    assert set(back) == set(masks) and all(torch.equal(back[n], masks[n]) for n in masks)
+    assert model.out.weight is model.emb.weight and "emb.weight" in dict(model.named_parameters())
