@@ -60,7 +60,7 @@ def prunable_parameters(model: nn.Module, exclude: Iterable[str] = ()) -> dict[s
     that uses it is excluded."""
     names = parameter_names(model)
     out: dict[str, nn.Parameter] = {}
-    for _, m in prunable_modules(model, exclude).items():
+    for m in prunable_modules(model, exclude).values():
         name = names.get(id(m.weight))
         if name is not None and name not in out:
             out[name] = m.weight

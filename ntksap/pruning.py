@@ -307,7 +307,6 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
     if input_shape is None:
         raise ValueError(f"input_shape=None is not allowed for method={method!r} without data: "
                          "pass the shape of one input, e.g. input_shape=(3, 32, 32)")
-    input_shape = _check_input_shape(input_shape)
     k_outputs = _num_outputs(model, input_shape)
     if channels_last is None:
         channels_last = len(input_shape) == 3

@@ -146,9 +146,10 @@ def call(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, T
     return functional_call(model, (dict(params), dict(buffers)), (x,), strict=True)
 
 
-def _leaf_masks(masks: Mapping[str, Tensor], device, dtype=torch.float32, channels_last=False) -> dict[str, Tensor]:
-    return {n: _to_format(m.to(device=device, dtype=dtype), channels_last).clone().requires_grad_(True)
-            for n, m in masks.items()}
+def _leaf_masks(masks: Mapping[str, Tensor], like: Mapping[str, Tensor], channels_last=False) -> dict[str, Tensor]:
+    """Copies of ``masks`` as leaves that take a gradient, with the device and
+    dtype of the weights ``like`` they multiply."""
+    return {n: _to_format(m.to(like[n]), channels_last).clone().requires_grad_(True) for n, m in masks.items()}
 
 
 def warn_unused(names: Iterable[str], method: str) -> None:
@@ -190,7 +191,7 @@ def snip_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext
     BatchNorm as the model's modules are set (:data:`METHODS` runs it in train
     mode, batch statistics, as the authors' code prunes)."""
     params, buffers = model_tensors(model, ctx.device, channels_last=ctx.channels_last)
-    m = {n: _to_format(v.to(params[n]), ctx.channels_last).clone().requires_grad_(True) for n, v in masks.items()}
+    m = _leaf_masks(masks, params, ctx.channels_last)
     for x, y in ctx.batches(method="snip"):
         F.cross_entropy(call(model, masked_params(params, m), buffers, x), y).backward()
     return {n: g.abs() for n, g in mask_grads(m, "snip").items()}
@@ -248,48 +249,52 @@ def grasp_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContex
 
     g, unused = gradient(w0, first_pass())  # first gradient, no graph
     warn_unused([n for n in names if n in unused], "grasp")
-    w = {n: v.clone().requires_grad_(True) for n, v in w0.items()}
 
     def second_pass():
         return ctx.batches(None if reuse else held, method="grasp")
 
-    mode = ctx.grasp_hessian
-    hg = None
-    if mode in ("auto", "autograd"):
+    def hg_autograd():  # d/dw (g . dL/dw), double backward
+        w = {n: v.clone().requires_grad_(True) for n, v in w0.items()}
+        hg = [torch.zeros_like(w[n]) for n in names]
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU attention kernels lack double backward
+            for x, y in second_pass():
+                grads = torch.autograd.grad(loss(w, x, y), [w[n] for n in names], create_graph=True,
+                                            allow_unused=True)
+                z = sum((gi * si).sum() for gi, si in zip(grads, g) if gi is not None)
+                for acc, h in zip(hg, torch.autograd.grad(z, [w[n] for n in names], allow_unused=True)):
+                    if h is not None:
+                        acc += h
+        return hg
+
+    def hg_central_difference():  # in float64: grad of L / 200 moves ~1e-5 relative, below float32's noise
+        p64, b64 = model_tensors(model, ctx.device, dtype=torch.float64, channels_last=ctx.channels_last)
+        w64 = {n: v.double() for n, v in w0.items()}
+        g64 = [v.double() for v in g]
+        g_norm = torch.sqrt(sum((v ** 2).sum() for v in g64))
+        if g_norm == 0:
+            return [torch.zeros_like(v) for v in g]
+        w_norm = torch.sqrt(sum((v ** 2).sum() for v in w64.values()))
+        h = float(torch.finfo(torch.float64).eps ** (1 / 3) * w_norm / g_norm)
+        plus, _ = gradient({n: w64[n] + h * gi for n, gi in zip(names, g64)}, second_pass(), p64, b64)
+        minus, _ = gradient({n: w64[n] - h * gi for n, gi in zip(names, g64)}, second_pass(), p64, b64)
+        return [((a - b) / (2 * h)).to(gi.dtype) for a, b, gi in zip(plus, minus, g)]
+
+    if ctx.grasp_hessian == "finite_difference":
+        hg = hg_central_difference()
+    else:
         try:
-            hg = [torch.zeros_like(w[n]) for n in names]
-            with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU attention kernels lack double backward
-                for x, y in second_pass():  # Hessian-gradient product: d/dw (g . dL/dw)
-                    grads = torch.autograd.grad(loss(w, x, y), [w[n] for n in names], create_graph=True,
-                                                allow_unused=True)
-                    z = sum((gi * si).sum() for gi, si in zip(grads, g) if gi is not None)
-                    for acc, h in zip(hg, torch.autograd.grad(z, [w[n] for n in names], allow_unused=True)):
-                        if h is not None:
-                            acc += h
+            hg = hg_autograd()
         except RuntimeError as exc:
             if not _is_missing_double_backward(exc):
                 raise
-            if mode == "autograd":
+            if ctx.grasp_hessian == "autograd":
                 raise ValueError(f"grasp_hessian='autograd': an operation of the model has no double backward "
                                  f"({exc}); use grasp_hessian='finite_difference' (or 'auto') to form the "
                                  "Hessian-gradient product from a central difference of gradients") from exc
             warnings.warn(f"grasp: an operation of the model has no double backward ({str(exc).splitlines()[0]}); "
                           "using a central difference of gradients for H g (grasp_hessian='finite_difference')",
                           RuntimeWarning, stacklevel=3)
-            hg = None
-    if hg is None:  # in float64: the gradient of L / 200 changes by ~1e-5 relative, below float32's noise
-        p64, b64 = model_tensors(model, ctx.device, dtype=torch.float64, channels_last=ctx.channels_last)
-        w64 = {n: v.double() for n, v in w0.items()}
-        g64 = [v.double() for v in g]
-        w_norm = torch.sqrt(sum((v ** 2).sum() for v in w64.values()))
-        g_norm = torch.sqrt(sum((v ** 2).sum() for v in g64))
-        h = float(torch.finfo(torch.float64).eps ** (1 / 3) * w_norm / g_norm) if g_norm > 0 else 0.0
-        if h == 0.0:
-            hg = [torch.zeros_like(v) for v in g]
-        else:
-            plus, _ = gradient({n: w64[n] + h * gi for n, gi in zip(names, g64)}, second_pass(), p64, b64)
-            minus, _ = gradient({n: w64[n] - h * gi for n, gi in zip(names, g64)}, second_pass(), p64, b64)
-            hg = [((a - b) / (2 * h)).to(gi.dtype) for a, b, gi in zip(plus, minus, g)]
+            hg = hg_central_difference()
     return {n: (theta[n] * h).contiguous() for n, h in zip(names, hg)}
 
 
@@ -307,7 +312,7 @@ def synflow_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreCont
     params, buffers = model_tensors(model, ctx.device, dtype=dtype)
     params = {n: p.abs() for n, p in params.items()}
     buffers = {n: (b.abs() if b.is_floating_point() else b) for n, b in buffers.items()}
-    m = _leaf_masks(masks, ctx.device, dtype=dtype)
+    m = _leaf_masks(masks, params)
     x = torch.ones((1, *ctx.input_shape), dtype=dtype, device=ctx.device)
     call(model, masked_params(params, m), buffers, x).sum().backward()
     return {n: g.abs() for n, g in mask_grads(m, "synflow").items()}
@@ -356,7 +361,7 @@ def ntksap_batch_mask_grad(model: nn.Module, theta: Mapping[str, Tensor], buffer
     ``eval`` uses ``buffers`` (running statistics) as they are.
     Returns name -> gradient.
     """
-    m = {n: v.detach().clone().requires_grad_(True) for n, v in masks.items()}
+    m = _leaf_masks(masks, masks)
     if bn_mode == "unperturbed":
         stats, mode = bn_batch_statistics(model, masked_params(theta, masks), buffers, z), "eval"
     else:

@@ -3,6 +3,7 @@ section 3) beside the class-balanced fixed one, and its config knob."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,25 @@ def test_named_sets_use_the_authors_prune_set():
              "ablation_noise_vs_data", "ablation_fixed_weights"]
     for name in paper:
         assert config.parse_params(config.compose(name)).prune.prune_set == "random", name
+
+
+def test_prune_with_the_random_set_depends_on_seed_alone_not_on_the_callers_rng():
+    """Iterative SNIP on prune_loader passes: the masks follow ``seed`` whatever
+    the caller's global RNG holds, and that RNG comes back untouched."""
+    import ntksap
+
+    bundle = _skewed(n0=40, per_other=4)
+    loader = data.prune_loader(bundle, per_class=2, batch_size=8, seed=0)
+    torch.manual_seed(0)
+    base = ntksap.build_model("resnet20")
+    runs = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        before = torch.get_rng_state()
+        model = copy.deepcopy(base)
+        runs.append(ntksap.prune(model, "iterative_snip", 0.9, data=loader, iterations=3, seed=5, progress=False))
+        assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+    other = ntksap.prune(copy.deepcopy(base), "iterative_snip", 0.9, data=loader, iterations=3, seed=6,
+                         progress=False)
+    assert any(not torch.equal(runs[0][n], other[n]) for n in other)  # the seed does reach the passes
