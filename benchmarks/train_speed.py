@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ntksap import build_model, data, train
+from ntksap.devices import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -107,7 +108,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = data.resolve_device(args.device)
+    device = resolve_device(args.device)
     n = 50000 if args.full else args.images
     bs = args.batch_size
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")

@@ -7,18 +7,45 @@ The whole public surface::
     masks.report(model, (3, 32, 32))            # per-layer density and FLOPs
     masks.save("mask.pt"); ntksap.Masks.load("mask.pt")
 
-Modules: ``masks`` (mask sets), ``scores`` (one score function per method and
-the registry ``METHODS``), ``pruning`` (the iterative loop and ``prune``),
-``models`` (the paper's networks), ``data`` (datasets and device-side loaders),
-``train`` (the resumable trainer), ``ntk`` (NTK matrices, spectra, traces),
-``distributed`` (DDP training via torchrun), ``config``/``pipeline`` (the DVC
-pipeline's parameters and helpers).
+Modules, one job each. The library: ``masks`` (mask sets), ``scores`` (one
+score function per method and the registry ``METHODS``), ``pruning`` (the
+iterative loop and ``prune``), ``functional`` (the masked functional forward
+that scores and ntk share), ``models`` (the paper's networks), ``data``
+(datasets and device-side loaders), ``augment`` (training augmentation on
+tensors), ``protocol`` (the training protocol), ``train`` (the resumable
+trainer), ``distributed`` (DDP training via torchrun), ``ntk`` (NTK matrices,
+spectra, traces); small helpers ``checks`` (argument checking), ``devices``,
+``hashing`` (tensor digests), ``files`` (atomic writes), ``profiling``.
+The pipeline: ``params`` (+ ``schema``: the params.yaml models), ``config``
+(its command line and Hydra composition), ``locations`` (where datasets live on
+this machine), ``layout`` (result paths), ``experiment`` (what every stage
+builds from params), ``stages.<name>`` (one module per DVC stage),
+``results`` (collecting results, metrics), ``figures.<kind>`` (every plot),
+``notebook`` (notebook set-up), ``code_deps`` (each stage's exact code deps).
 """
 
-from .masks import Masks, apply_masks, enforce_masks_after_step, from_torch_prune, prunable_parameters, to_torch_prune
-from .models import MODELS, build_model, default_input_shape, kaiming_init
-from .pruning import prune
-from .scores import METHODS
+import importlib
+
+_PUBLIC = {  # name -> the module that holds it; imported on first use (PEP 562), so that
+    # `import ntksap.figures.style` does not import torch, the pruning loop and the models
+    "Masks": "masks", "apply_masks": "masks", "enforce_masks_after_step": "masks",
+    "from_torch_prune": "masks", "prunable_parameters": "masks", "to_torch_prune": "masks",
+    "MODELS": "models", "build_model": "models", "default_input_shape": "models", "kaiming_init": "models",
+    "prune": "pruning", "METHODS": "scores",
+}
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ntksap' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])
+
 
 __all__ = [
     "METHODS", "MODELS", "Masks", "apply_masks", "build_model", "default_input_shape",

@@ -50,10 +50,13 @@ import numpy as np
 import torch
 
 from .augment import AUGMENTATIONS, augment_batch
+from .devices import resolve_device
 from .files import atomic_torch_save
+from .hashing import tensor_digest
 
 DATASETS = ("digits", "cifar10", "cifar100", "tiny_imagenet", "imagenet")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the checksum is hashing.tensor_digest (version-1 caches are rebuilt, with a warning)
+CACHE_TENSORS = ("train_images", "train_labels", "test_images", "test_labels")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -252,11 +255,9 @@ def subset(bundle: Dataset, train: int | None = None, test: int | None = None, s
 # caches
 # ==================================================================================
 def _checksum(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(memoryview(t.contiguous().numpy()).cast("B"))
-    return h.hexdigest()
+    """A cache's checksum: the :func:`~ntksap.hashing.tensor_digest` of its
+    tensors, given in the order of :data:`CACHE_TENSORS`."""
+    return tensor_digest(dict(zip(CACHE_TENSORS, tensors, strict=True)))
 
 
 def _validate_cache(obj, spec: DatasetSpec) -> str | None:
@@ -288,26 +289,55 @@ def _cached(spec: DatasetSpec, path: Path, source: str, build) -> Dataset:
     """Load the uint8 cache at ``path`` or build it with ``build()`` ->
     (classes, train_x, train_y, test_x, test_y) and write it atomically."""
     if path.exists():
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            problem = _validate_cache(obj, spec)
-        except Exception as exc:  # truncated / not a torch file
-            problem = f"cannot be read ({type(exc).__name__}: {exc})"
+        bundle, problem = _read_cache(path, spec)
         if problem is None:
-            return _bundle(spec, obj["classes"], obj["train_images"], obj["train_labels"], obj["test_images"],
-                           obj["test_labels"], obj.get("source", source))
+            return bundle
         warnings.warn(f"data cache '{path}' {problem}; rebuilding it", stacklevel=3)
     classes, tr_x, tr_y, te_x, te_y = build()
-    obj = {"version": CACHE_VERSION, "name": spec.name, "source": source, "classes": list(classes),
-           "train_images": tr_x.contiguous(), "train_labels": tr_y.contiguous(),
-           "test_images": te_x.contiguous(), "test_labels": te_y.contiguous(),
-           "checksum": _checksum(tr_x, tr_y, te_x, te_y)}
+    bundle = _bundle(spec, classes, tr_x.contiguous(), tr_y.contiguous(), te_x.contiguous(), te_y.contiguous(),
+                     source)
+    save_cache(bundle, path)
+    return bundle
+
+
+def _read_cache(path: Path, spec: DatasetSpec) -> tuple[Dataset | None, str | None]:
+    """(the dataset in the cache file ``path``, None), or (None, what is wrong with the file)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        problem = _validate_cache(obj, spec)
+    except Exception as exc:  # truncated / not a torch file
+        return None, f"cannot be read ({type(exc).__name__}: {exc})"
+    if problem is not None:
+        return None, problem
+    return _bundle(spec, obj["classes"], obj["train_images"], obj["train_labels"], obj["test_images"],
+                   obj["test_labels"], obj.get("source", "")), None
+
+
+def save_cache(bundle: Dataset, path: str | os.PathLike) -> None:
+    """Write an in-memory dataset to ``path`` as a uint8 cache (with its checksum, atomically):
+    the caches of :func:`get_dataset` and the prepare stage's file (:mod:`ntksap.stages.prepare`).
+    The file's bytes depend on the tensors, classes and ``bundle.source`` only."""
+    if bundle.on_disk:
+        raise ValueError(f"save_cache: dataset '{bundle.name}' is read from disk; it has no images to cache")
+    spec = SPECS[bundle.name]
+    tensors = [getattr(bundle, name) for name in CACHE_TENSORS]
+    obj = {"version": CACHE_VERSION, "name": spec.name, "source": bundle.source, "classes": list(bundle.classes),
+           **dict(zip(CACHE_TENSORS, tensors)), "checksum": _checksum(*tensors)}
     problem = _validate_cache(obj, spec)
     if problem is not None:  # a bug or bad input data, not a cache problem
-        raise ValueError(f"dataset '{spec.name}' read from {source} is malformed: it {problem}")
+        raise ValueError(f"dataset '{spec.name}' read from {bundle.source} is malformed: it {problem}")
     atomic_torch_save(obj, path)
-    return _bundle(spec, classes, obj["train_images"], obj["train_labels"], obj["test_images"],
-                   obj["test_labels"], source)
+
+
+def load_cache(path: str | os.PathLike, name: str) -> Dataset:
+    """The dataset ``name`` in a cache file written by :func:`save_cache`, verified (shapes,
+    labels, checksum); a ``ValueError`` says what is wrong with it."""
+    if name not in SPECS or name == "imagenet":
+        raise ValueError(f"name={name!r} is not allowed; use one of {DATASETS[:-1]}")
+    bundle, problem = _read_cache(Path(path), SPECS[name])
+    if problem is not None:
+        raise ValueError(f"'{path}' is not a sound cache of '{name}': it {problem}")
+    return bundle
 
 
 # ==================================================================================
@@ -675,13 +705,6 @@ def _imagenet(spec: DatasetSpec, root: Path, local_path: Path | None) -> Dataset
 def _mix(*parts) -> int:
     """A 63-bit seed from any printable parts, identical across processes."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def resolve_device(device=None) -> torch.device:
-    """``device`` as a ``torch.device``; ``None`` picks CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _normaliser(bundle: Dataset, device) -> tuple[torch.Tensor, torch.Tensor]:

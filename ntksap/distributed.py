@@ -29,7 +29,6 @@ Semantics (``ntksap.train.train`` with a :class:`DDPHook`):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from datetime import timedelta
@@ -39,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .hashing import tensor_digest
 from .masks import Masks
 
 
@@ -75,24 +75,14 @@ class DDPHook:
         return {"loss": t[0].item() / total, "acc": t[1].item() / total, "images": int(t[2].item())}
 
 
-def masks_digest(masks: Masks) -> str:
-    """SHA-256 (hex) of the mask names, shapes and values."""
-    h = hashlib.sha256()
-    for name in sorted(masks):
-        m = masks[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(m.shape)}".encode())
-        h.update(m.numpy().tobytes())
-    return h.hexdigest()
-
-
 def broadcast_masks(masks: Masks | None) -> Masks:
     """Rank 0's ``masks`` on every rank (others pass ``None``), checked by an
-    all-gather of :func:`masks_digest`; raises ``RuntimeError`` on a mismatch."""
+    all-gather of their :func:`~ntksap.hashing.tensor_digest`; raises ``RuntimeError`` on a mismatch."""
     box = [None if masks is None else {n: m.cpu() for n, m in masks.items()}]
     dist.broadcast_object_list(box, src=0)       # CPU tensors only; no user pickles are loaded
     got = Masks(box[0])
     digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, masks_digest(got))
+    dist.all_gather_object(digests, tensor_digest(got))
     if len(set(digests)) != 1:
         raise RuntimeError(f"masks differ between ranks: digests {digests}")
     return got
@@ -112,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None,
                    help="state dict (torch.save, e.g. a prune stage's init.pt) to start from, instead of --init-seed")
     p.add_argument("--train-config", default=None,
-                   help="JSON file of TrainConfig fields over the dataset's protocol (the pipeline writes one)")
+                   help="JSON file of ntksap.params.Train fields over the dataset's protocol "
+                        "(the train stage writes Train.model_dump())")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--batch-size", type=int, default=None, help="override the protocol's global batch size")
     p.add_argument("--milestones", type=int, nargs="*", default=None, help="override the lr milestones")
@@ -132,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     """Entry point; returns (and rank 0 prints as one JSON line) the final metrics."""
     from . import build_model, data, train
+    from .protocol import protocol
 
     args = _parser().parse_args(argv)
     if "RANK" not in os.environ:
@@ -173,14 +165,14 @@ def main(argv=None) -> dict:
         over.update({k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size,
                                        "milestones": None if args.milestones is None else tuple(args.milestones)
                                        }.items() if v is not None})
-        config = train.protocol(args.dataset, **over)
+        config = protocol(args.dataset, **over)
         hook = DDPHook(device, sync_bn=args.sync_bn)
         train.train(model, masks, bundle, config, args.out_dir, seed=args.seed, device=device,
                     progress=rank == 0 and not args.no_progress, distributed=hook)
         dist.barrier()                                       # rank 0's files are complete
         metrics = json.loads((Path(args.out_dir) / "metrics.json").read_text())
         if rank == 0:
-            print(json.dumps({"world_size": hook.world_size, "masks_sha256": masks_digest(masks), **metrics}),
+            print(json.dumps({"world_size": hook.world_size, "masks_sha256": tensor_digest(masks), **metrics}),
                   flush=True)
         return metrics
     finally:

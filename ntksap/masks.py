@@ -291,7 +291,7 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...],
             out[pname] = (prev[0] + positions * w.numel(), prev[1] + positions * kept)
 
         handles.append(module.register_forward_hook(hook))
-    from .scores import scoring_mode
+    from .functional import scoring_mode
 
     try:
         with scoring_mode(model, "eval"):

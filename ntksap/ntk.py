@@ -28,8 +28,9 @@ BatchNorm while computing the NTK (``bn=``):
 
 Other layers always run in eval mode (dropout off). The user's model is never
 changed: the network runs through ``torch.func.functional_call`` on copies of
-its tensors; modes, BatchNorm momenta and hooks are set only for the duration
-of a call and restored in ``finally``.
+its tensors (:mod:`ntksap.functional`, shared with the score functions); modes,
+BatchNorm momenta and hooks are set only for the duration of a call and
+restored in ``finally``.
 
 How ``"eval"``/``"running"`` are computed fast (ResNet-20, n=100, k=10: see
 ``benchmarks/ntk_speed.py``): one forward pass per chunk of inputs with a zero
@@ -50,9 +51,7 @@ of the whole per-sample network.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,7 +65,9 @@ from torch.func import functional_call, jacrev, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
+from .checks import check_choice, check_int, check_positive
 from .files import atomic_write_text
+from .functional import bn_batch_statistics, borrowed, call, masked_params, model_tensors, set_modes
 from .masks import Masks, check_masks, prunable_parameters
 
 BN_MODES = ("eval", "train", "running")
@@ -80,21 +81,6 @@ _GRAM_MIN_COLS = 8192
 
 
 # -- argument checks ---------------------------------------------------------------------
-def _check_choice(name: str, value, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; allowed: {list(allowed)}")
-    return value
-
-
-def _check_int(name: str, value, minimum: int, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= {minimum}"
-                         f"{' or None' if allow_none else ''}")
-    return int(value)
-
-
 def _check_model(model) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -133,7 +119,7 @@ def _check_masks(model: nn.Module, masks) -> dict[str, Tensor]:
 
 def _scope(model: nn.Module, params: str) -> list[str]:
     """Names of the parameters whose Jacobian columns make up J."""
-    _check_choice("params", params, PARAM_SCOPES)
+    check_choice("params", params, PARAM_SCOPES)
     named = dict(model.named_parameters())
     if params == "all":
         names = [n for n, p in named.items() if p.requires_grad]
@@ -153,82 +139,6 @@ def _check_bn_buffers(model: nn.Module, bn: str) -> None:
                              "track_running_stats=False; use bn='train'")
 
 
-# -- running the network without changing it ------------------------------------------------
-@contextlib.contextmanager
-def _borrowed(model: nn.Module):
-    """Lets a call set modes, BatchNorm momenta/tracking and hooks on ``model``;
-    everything is restored (and the hooks removed) on exit, also on error."""
-    saved = [(m, m.training, getattr(m, "momentum", None), getattr(m, "track_running_stats", None))
-             for m in model.modules()]
-    handles: list = []
-    try:
-        yield handles
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training, momentum, tracking in saved:
-            m.training = training
-            if isinstance(m, _BatchNorm):
-                m.momentum, m.track_running_stats = momentum, tracking
-
-
-def _set_modes(model: nn.Module, bn: str) -> None:
-    """Everything in eval mode; BatchNorm in train mode without running-stat
-    updates for ``bn='train'``."""
-    for m in model.modules():
-        m.training = False
-        if bn == "train" and isinstance(m, _BatchNorm):
-            m.training, m.track_running_stats = True, False
-
-
-def _call(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor):
-    """``model(x)`` with the given tensors (keyed by ``named_parameters`` /
-    ``named_buffers`` names) via ``functional_call``. Every attribute slot that
-    holds a parameter or buffer is passed exactly once: weights tied between
-    modules are replaced in each module, and a module registered under two names
-    is swapped (and restored) once, which ``tie_weights=True`` gets wrong."""
-    canonical = {id(t): n for n, t in model.named_parameters()}
-    canonical.update({id(t): n for n, t in model.named_buffers()})
-    tensors = {**params, **buffers}
-    slots, seen = {}, set()
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for attr, t in (*mod._parameters.items(), *mod._buffers.items()):
-            if t is None or (id(mod), attr) in seen or canonical.get(id(t)) not in tensors:
-                continue
-            seen.add((id(mod), attr))
-            slots[f"{mname}.{attr}" if mname else attr] = tensors[canonical[id(t)]]
-    return functional_call(model, slots, (x,), tie_weights=False)
-
-
-def _effective_params(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Detached parameters with every masked weight replaced by ``weight * mask``."""
-    return {n: (p.detach() * masks[n] if n in masks else p.detach()) for n, p in model.named_parameters()}
-
-
-@torch.no_grad()
-def _batch_statistics(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                      x: Tensor) -> dict[str, Tensor]:
-    """Buffers whose BatchNorm running statistics are the batch statistics of the
-    network ``params`` on ``x`` (mean, unbiased variance): one no-grad pass with
-    only the BatchNorm layers in train mode, momentum 1, on fresh buffer copies.
-    Call inside :func:`_borrowed`; leaves every module in eval mode."""
-    fresh = dict(buffers)
-    for name, mod in model.named_modules():
-        if isinstance(mod, _BatchNorm):
-            pre = f"{name}." if name else ""
-            fresh[pre + "running_mean"] = torch.zeros_like(buffers[pre + "running_mean"])
-            fresh[pre + "running_var"] = torch.ones_like(buffers[pre + "running_var"])
-            if pre + "num_batches_tracked" in buffers:
-                fresh[pre + "num_batches_tracked"] = torch.zeros_like(buffers[pre + "num_batches_tracked"])
-    _set_modes(model, "eval")
-    for mod in model.modules():
-        if isinstance(mod, _BatchNorm):
-            mod.training, mod.momentum = True, 1.0
-    _call(model, params, fresh, x)
-    _set_modes(model, "eval")
-    return fresh
-
-
 def _check_output(out, n: int) -> None:
     if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != n:
         raise ValueError(f"model: the output must be a tensor (n, ...) with one row per input, got "
@@ -238,14 +148,13 @@ def _check_output(out, n: int) -> None:
 def _prepare(model, inputs, masks, bn, params):
     """Checks (cheap, before any work) and the tensors every computation needs."""
     _check_model(model)
-    _check_choice("bn", bn, BN_MODES)
+    check_choice("bn", bn, BN_MODES)
     scope = _scope(model, params)
     x = _check_inputs(model, inputs, bn)
     masks = _check_masks(model, masks)
     _check_bn_buffers(model, bn)
-    eff = _effective_params(model, masks)
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    return x, masks, scope, eff, buffers
+    params, buffers = model_tensors(model)
+    return x, masks, scope, masked_params(params, masks), buffers
 
 
 # -- per-module, per-sample Jacobians from a module's input and output gradient ----------------
@@ -410,12 +319,12 @@ class _PerSampleNTK:
                   and args[0].dim() >= 1 and output.dim() >= 1 and args[0].shape[0] == output.shape[0] == batch)
             calls[name].append((ok, tuple(args[0].shape[1:]) if ok else (), tuple(output.shape[1:]) if ok else ()))
 
-        with _borrowed(model) as handles, torch.no_grad():
+        with borrowed(model) as handles, torch.no_grad():
             for name, b in candidates.items():
                 handles.append(b.module.register_forward_hook(
                     lambda m, a, kw, o, name=name: probe(m, a, kw, o, name), with_kwargs=True))
-            _set_modes(model, "eval")
-            out = _call(model, self.eff, self.stats, self.x[:batch])
+            set_modes(model)
+            out = call(model, self.eff, self.stats, self.x[:batch])
         _check_output(out, batch)
         k = out[0].numel()
         blocks = []
@@ -482,7 +391,7 @@ class _PerSampleNTK:
                 self.taps, self.inputs = t, {}
                 self.active = True
                 try:
-                    out = _call(self.model, self.eff, self.stats, xs)
+                    out = call(self.model, self.eff, self.stats, xs)
                 finally:
                     self.active = False
                 missing = [b.name for b in self.blocks if b.name not in self.inputs]
@@ -517,7 +426,7 @@ class _PerSampleNTK:
         const = {n: v for n, v in self.eff.items() if n not in wrt}
 
         def f(p, xi):
-            return _call(self.model, {**const, **p}, self.stats, xi.unsqueeze(0)).reshape(-1)
+            return call(self.model, {**const, **p}, self.stats, xi.unsqueeze(0)).reshape(-1)
 
         with torch.enable_grad():
             jac = vmap(jacrev(f), in_dims=(None, 0))(wrt, xs)
@@ -539,8 +448,8 @@ class _PerSampleNTK:
 
     def compute(self) -> Tensor:
         model = self.model
-        with _borrowed(model) as handles:
-            _set_modes(model, "eval")
+        with borrowed(model) as handles:
+            set_modes(model)
             for b in self.blocks:
                 handles.append(b.module.register_forward_hook(
                     lambda m, a, o, name=b.name: self._hook(m, a, o, name)))
@@ -593,11 +502,11 @@ def _train_mode_ntk(model, x, masks, scope, eff, buffers, chunk_size, progress) 
     index = {n: _kept_index(masks, n, x.device) for n in scope}
     wrt = {n: eff[n] for n in scope}
     const = {n: v for n, v in eff.items() if n not in wrt}
-    with _borrowed(model):
-        _set_modes(model, "train")
+    with borrowed(model):
+        set_modes(model, "train", update_running_stats=False)
 
         def f(p):
-            out = _call(model, {**const, **p}, buffers, x)
+            out = call(model, {**const, **p}, buffers, x)
             _check_output(out, x.shape[0])
             return out.reshape(-1)
 
@@ -635,12 +544,11 @@ def empirical_ntk(model: nn.Module, inputs: Tensor, masks: Mapping[str, Tensor] 
     None picks one that keeps the transient memory near 512 MiB.
     The model (weights, buffers, modes, hooks) is unchanged afterwards.
     """
-    chunk_size = _check_int("chunk_size", chunk_size, 1, allow_none=True)
+    chunk_size = check_int("chunk_size", chunk_size, 1, allow_none=True)
     x, masks, scope, eff, buffers = _prepare(model, inputs, masks, bn, params)
     if bn == "train":
         return _train_mode_ntk(model, x, masks, scope, eff, buffers, chunk_size, progress)
-    with _borrowed(model):
-        stats = _batch_statistics(model, eff, buffers, x) if bn == "eval" else buffers
+    stats = bn_batch_statistics(model, eff, buffers, x) if bn == "eval" else buffers
     return _PerSampleNTK(model, x, masks, scope, eff, stats, chunk_size, progress).compute()
 
 
@@ -689,36 +597,34 @@ def ntk_trace_estimate(model: nn.Module, inputs: Tensor, masks: Mapping[str, Ten
     statistics, shared by both passes, as the authors do). ``batch_size``: inputs
     per forward pass for ``"eval"``/``"running"`` (None: all at once).
     """
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not (0 < epsilon < math.inf):
-        raise ValueError(f"epsilon={epsilon!r} is not allowed; it must be a finite number > 0")
-    draws = _check_int("draws", draws, 1)
-    seed = _check_int("seed", seed, 0)
-    batch_size = _check_int("batch_size", batch_size, 1, allow_none=True)
+    epsilon = check_positive("epsilon", epsilon)
+    draws = check_int("draws", draws, 1)
+    seed = check_int("seed", seed, 0)
+    batch_size = check_int("batch_size", batch_size, 1, allow_none=True)
     x, masks, scope, eff, buffers = _prepare(model, inputs, masks, bn, params)
-    epsilon = float(epsilon)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    with _borrowed(model):
-        stats = _batch_statistics(model, eff, buffers, x) if bn == "eval" else buffers
-        _set_modes(model, bn)
+    with borrowed(model):
+        stats = bn_batch_statistics(model, eff, buffers, x) if bn == "eval" else buffers
+        set_modes(model, bn, update_running_stats=False)
         step = x.shape[0] if (batch_size is None or bn == "train") else batch_size
 
         def forward(p):
             outs = []
             for lo in range(0, x.shape[0], step):
-                out = _call(model, p, stats, x[lo:lo + step])
+                out = call(model, p, stats, x[lo:lo + step])
                 _check_output(out, min(step, x.shape[0] - lo))
                 outs.append(out.reshape(-1))
             return torch.cat(outs)
 
         base = forward(eff)
+        theta = {n: p.detach() for n, p in model.named_parameters()}
         total = 0.0
         for _ in range(draws):
-            perturbed = dict(eff)
+            shifted = dict(theta)
             for n in scope:
-                p = model.get_parameter(n)
-                d = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * epsilon
-                perturbed[n] = (p.detach() + d) * masks[n] if n in masks else p.detach() + d
-            diff = (forward(perturbed) - base).to(torch.float64)
+                p = theta[n]
+                shifted[n] = p + torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * epsilon
+            diff = (forward(masked_params(shifted, masks)) - base).to(torch.float64)
             total += float(diff.pow(2).sum()) / epsilon**2
     return total / draws
 
@@ -747,25 +653,23 @@ class SpectrumRecorder:
 
     def __init__(self, model: nn.Module, probe_inputs: Tensor, every: int = 1, mode: str = "spectrum", **kw):
         self.model = _check_model(model)
-        self.mode = _check_choice("mode", mode, RECORDER_MODES)
-        self.every = _check_int("every", every, 1)
+        self.mode = check_choice("mode", mode, RECORDER_MODES)
+        self.every = check_int("every", every, 1)
         allowed = _NTK_KW if mode == "spectrum" else _TRACE_KW
         unknown = sorted(set(kw) - allowed)
         if unknown:
             raise ValueError(f"{unknown[0]}={kw[unknown[0]]!r} is not an option of mode={mode!r}; "
                              f"allowed: {sorted(allowed)}")
-        bn = _check_choice("bn", kw.get("bn", "eval"), BN_MODES)
-        _check_choice("params", kw.get("params", "all"), PARAM_SCOPES)
+        bn = check_choice("bn", kw.get("bn", "eval"), BN_MODES)
+        check_choice("params", kw.get("params", "all"), PARAM_SCOPES)
         _check_bn_buffers(model, bn)
         if mode == "spectrum":
-            _check_int("chunk_size", kw.get("chunk_size"), 1, allow_none=True)
+            check_int("chunk_size", kw.get("chunk_size"), 1, allow_none=True)
         else:
-            eps = kw.get("epsilon", 1e-3)
-            if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
-                raise ValueError(f"epsilon={eps!r} is not allowed; it must be a finite number > 0")
-            _check_int("draws", kw.get("draws", 16), 1)
-            _check_int("seed", kw.get("seed", 0), 0)
-            _check_int("batch_size", kw.get("batch_size"), 1, allow_none=True)
+            check_positive("epsilon", kw.get("epsilon", 1e-3))
+            check_int("draws", kw.get("draws", 16), 1)
+            check_int("seed", kw.get("seed", 0), 0)
+            check_int("batch_size", kw.get("batch_size"), 1, allow_none=True)
         self.probe_inputs = _check_inputs(model, probe_inputs, bn, "probe_inputs")
         self.kw = kw
         self.records: list[dict] = []
@@ -778,7 +682,7 @@ class SpectrumRecorder:
     def record(self, iteration: int, masks: Mapping[str, Tensor] | None = None) -> dict:
         """Measure the network with ``masks`` (None: dense) now and store it under
         ``iteration``; returns the summary row."""
-        iteration = _check_int("iteration", iteration, 0)
+        iteration = check_int("iteration", iteration, 0)
         if masks is None:
             density = 1.0
         else:
@@ -802,7 +706,7 @@ class SpectrumRecorder:
 
     def frame(self) -> pd.DataFrame:
         """Long table of the recorded spectra: iteration, density, index
-        (0 = largest), eigenvalue; plot with ``plot_spectra(frame, hue="density")``."""
+        (0 = largest), eigenvalue; plot with ``ntksap.figures.spectra.plot_spectra(frame, hue="density")``."""
         if self.mode != "spectrum":
             raise ValueError("frame() needs mode='spectrum'; this recorder has mode='trace' (use summary())")
         density = {r["iteration"]: r["density"] for r in self.records}
@@ -838,29 +742,3 @@ def spectra_frame(spectra: Mapping[str, object]) -> pd.DataFrame:
         eig = eig.sort(descending=True).values
         parts.append(pd.DataFrame({"label": label, "index": range(len(eig)), "eigenvalue": eig.numpy()}))
     return pd.concat(parts, ignore_index=True)
-
-
-def plot_spectra(frame: pd.DataFrame, ax=None, hue: str = "label"):
-    """Figure 2 style: eigenvalue index vs eigenvalue on a log axis, one line per
-    ``hue`` value (seaborn ``lineplot``). Non-positive eigenvalues (rounding
-    noise of singular kernels) are left out. Returns the matplotlib Axes."""
-    if not isinstance(frame, pd.DataFrame):
-        raise ValueError(f"frame must be a pandas DataFrame, got {type(frame).__name__}")
-    missing = [c for c in ("index", "eigenvalue", hue) if c not in frame.columns]
-    if missing:
-        raise ValueError(f"frame lacks column(s) {missing}; it has {list(frame.columns)} "
-                         f"(hue={hue!r} must name one of them)")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    new_figure = ax is None
-    if new_figure:
-        _, ax = plt.subplots(figsize=(5.0, 3.5))
-    data = frame[frame["eigenvalue"] > 0]
-    sns.lineplot(data=data, x="index", y="eigenvalue", hue=hue, ax=ax, linewidth=1.2)
-    ax.set_yscale("log")
-    ax.set_xlabel("eigenvalue index (descending)")
-    ax.set_ylabel("NTK eigenvalue")
-    if new_figure:
-        ax.figure.tight_layout()
-    return ax

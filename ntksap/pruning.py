@@ -12,8 +12,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_choice, check_int, check_positive
+from .devices import resolve_device
+from .functional import scoring_mode
 from .masks import Masks, apply_masks, prunable_parameters
-from .scores import GRASP_HESSIAN, METHODS, ScoreContext, check_batch, scoring_mode
+from .scores import GRASP_HESSIAN, METHODS, ScoreContext, check_batch
 
 SCHEDULES = ("exponential", "linear")
 SYNFLOW_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -23,11 +26,10 @@ SCOPES = ("global", "local")
 def scheduled_density(density: float, t: int, iterations: int, schedule: str = "exponential") -> float:
     """Density after iteration ``t`` (1..T) on the way to ``density``:
     ``d^(t/T)`` (exponential) or ``1 - (1 - d) t/T`` (linear)."""
+    check_choice("schedule", schedule, SCHEDULES)
     if schedule == "exponential":
         return density ** (t / iterations)
-    if schedule == "linear":
-        return 1.0 - (1.0 - density) * t / iterations
-    raise ValueError(f"schedule={schedule!r} is unknown; allowed: {list(SCHEDULES)}")
+    return 1.0 - (1.0 - density) * t / iterations
 
 
 COUNT_RULES = ("round", "authors")
@@ -78,8 +80,8 @@ def select_masks(scores: Mapping[str, torch.Tensor], masks: Mapping[str, torch.T
     """New masks keeping the highest scores among the live weights, over all
     layers (``global``) or per layer (``local``), counted by ``rule``
     (:data:`COUNT_RULES`): ``round(density * N)`` or the authors' rule."""
-    if rule not in COUNT_RULES:
-        raise ValueError(f"count_rule={rule!r} is unknown; allowed: {list(COUNT_RULES)}")
+    check_choice("count_rule", rule, COUNT_RULES)
+    check_choice("scope", scope, SCOPES)
     names = list(masks)
     if scope == "global":
         flat_s = torch.cat([scores[n].detach().reshape(-1).cpu() for n in names])
@@ -90,20 +92,12 @@ def select_masks(scores: Mapping[str, torch.Tensor], masks: Mapping[str, torch.T
             out[n] = keep[i:i + masks[n].numel()].reshape(masks[n].shape)
             i += masks[n].numel()
         return out
-    if scope == "local":
-        return Masks({n: _layer_mask(scores[n].detach().reshape(-1).cpu(), masks[n].reshape(-1).cpu() != 0,
-                                     density, rule).reshape(masks[n].shape)
-                      for n in names})
-    raise ValueError(f"scope={scope!r} is unknown; allowed: {list(SCOPES)}")
+    return Masks({n: _layer_mask(scores[n].detach().reshape(-1).cpu(), masks[n].reshape(-1).cpu() != 0,
+                                 density, rule).reshape(masks[n].shape)
+                  for n in names})
 
 
 # -- validation ----------------------------------------------------------------------
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= {minimum}")
-    return int(value)
-
-
 def _check_input_shape(input_shape) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in input_shape)
@@ -135,15 +129,6 @@ def _prune_set(data, method: str, input_shape: tuple[int, ...] | None):
         raise ValueError(f"data is empty; method={method!r} needs at least one (inputs, targets) batch")
     x, _ = check_batch(0, first, input_shape)
     return source, tuple(x.shape[1:])
-
-
-def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device={device!r} is not a valid torch device") from exc
 
 
 def _num_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -255,34 +240,24 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
     in training (:func:`ntksap.masks.apply_masks`).
     """
     # -- cheap checks, before any work ------------------------------------------------
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; allowed: {sorted(METHODS)}")
-    spec = METHODS[method]
+    spec = METHODS[check_choice("method", method, sorted(METHODS))]
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not (0.0 <= float(sparsity) < 1.0):
         raise ValueError(f"sparsity={sparsity!r} is not allowed; it must be a number in [0, 1) "
                          "(the fraction of prunable weights removed)")
-    iterations = _check_int("iterations", spec.iterations if iterations is None else iterations, 1)
-    rounds = _check_int("rounds", spec.defaults.get("rounds", 1) if rounds is None else rounds, 1)
-    epsilon = spec.defaults.get("epsilon", 0.01) if epsilon is None else epsilon
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not (0 < epsilon < math.inf):
-        raise ValueError(f"epsilon={epsilon!r} is not allowed; it must be a finite number > 0")
-    batch_size = _check_int("batch_size", batch_size, 1)
-    if num_samples is not None:
-        num_samples = _check_int("num_samples", num_samples, 1)
-    seed = _check_int("seed", seed, 0)
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r} is unknown; allowed: {list(SCOPES)}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} is unknown; allowed: {list(SCHEDULES)}")
-    if count_rule not in COUNT_RULES:
-        raise ValueError(f"count_rule={count_rule!r} is unknown; allowed: {list(COUNT_RULES)}")
+    iterations = check_int("iterations", spec.iterations if iterations is None else iterations, 1)
+    rounds = check_int("rounds", spec.defaults.get("rounds", 1) if rounds is None else rounds, 1)
+    epsilon = check_positive("epsilon", spec.defaults.get("epsilon", 0.01) if epsilon is None else epsilon)
+    batch_size = check_int("batch_size", batch_size, 1)
+    num_samples = check_int("num_samples", num_samples, 1, allow_none=True)
+    seed = check_int("seed", seed, 0)
+    check_choice("scope", scope, SCOPES)
+    check_choice("schedule", schedule, SCHEDULES)
+    check_choice("count_rule", count_rule, COUNT_RULES)
     if bn_mode is not None and bn_mode not in spec.bn_modes:
         raise ValueError(f"bn_mode={bn_mode!r} is not allowed for method={method!r}; allowed: None (the "
                          f"method's own, {spec.bn_mode!r}) or one of {list(spec.bn_modes)}")
-    if grasp_hessian not in GRASP_HESSIAN:
-        raise ValueError(f"grasp_hessian={grasp_hessian!r} is unknown; allowed: {list(GRASP_HESSIAN)}")
-    if synflow_dtype not in SYNFLOW_DTYPES:
-        raise ValueError(f"synflow_dtype={synflow_dtype!r} is unknown; allowed: {list(SYNFLOW_DTYPES)}")
+    check_choice("grasp_hessian", grasp_hessian, GRASP_HESSIAN)
+    check_choice("synflow_dtype", synflow_dtype, SYNFLOW_DTYPES)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback={callback!r} is not callable; pass a function (iteration, masks, scores)")
     if init_fn is not None and not callable(init_fn):
@@ -294,7 +269,7 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
     if not params:
         raise ValueError(f"model: {type(model).__name__} has nothing prunable (no Conv/Linear weight"
                          f"{' outside exclude=' + repr(exclude) if exclude else ''})")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     rng_devices = _rng_devices(device)
     needs_data = spec.needs_data or not noise_inputs  # noise_inputs=False: NTK-SAP on real inputs
     source = None
@@ -313,7 +288,7 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
     ctx = ScoreContext(
         device=device, input_shape=input_shape, data=source,
         num_samples=num_samples if num_samples is not None else 10 * k_outputs,
-        batch_size=batch_size, rounds=rounds, epsilon=float(epsilon), init_fn=init_fn,
+        batch_size=batch_size, rounds=rounds, epsilon=epsilon, init_fn=init_fn,
         channels_last=bool(channels_last), redraw=bool(redraw), noise_inputs=bool(noise_inputs),
         bn_mode=bn_mode or spec.bn_mode, grasp_hessian=grasp_hessian, synflow_dtype=SYNFLOW_DTYPES[synflow_dtype],
     )

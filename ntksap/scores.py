@@ -4,7 +4,7 @@ A score function has the signature ``score(model, masks, ctx) -> dict`` and
 returns, for every masked parameter name, a tensor of scores with that
 parameter's shape; the pruning loop (:mod:`ntksap.pruning`) multiplies them by
 the live mask and keeps the largest. Scoring never modifies the model: it runs
-the network with ``torch.func.functional_call`` on copies of its tensors, with
+the network on copies of its tensors (:mod:`ntksap.functional`), with
 BatchNorm in the mode its :class:`Method` entry declares (``bn_mode``), whatever
 mode the caller's model is in, and restores every module's mode afterwards.
 
@@ -14,7 +14,6 @@ line to :data:`METHODS` (its ``bn_mode``: ``train`` or ``eval``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,8 +22,9 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .functional import bn_batch_statistics, call, masked_params, model_tensors, scoring_mode, to_format
 
 Tensor = torch.Tensor
 Scores = dict[str, Tensor]
@@ -85,7 +85,7 @@ class ScoreContext:
             raise ValueError(f"data=None: method {method!r} needs real (inputs, targets) batches")
         for i, batch in enumerate(source):
             x, y = check_batch(i, batch, self.input_shape)
-            yield _to_format(x.to(self.device), self.channels_last), y.to(self.device)
+            yield to_format(x.to(self.device), self.channels_last), y.to(self.device)
 
 
 def check_batch(i: int, batch, input_shape: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
@@ -101,55 +101,10 @@ def check_batch(i: int, batch, input_shape: tuple[int, ...] | None = None) -> tu
 
 
 # -- helpers -------------------------------------------------------------------------
-def _to_format(t: Tensor, channels_last: bool) -> Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
-
-
-@contextlib.contextmanager
-def scoring_mode(model: nn.Module, bn_mode: str = "eval"):
-    """Run ``model`` as a method scores: every module in eval mode (dropout off,
-    so scores depend on the seed alone) except BatchNorm layers, which are in
-    train mode (batch statistics) for ``bn_mode="train"``. Restores every
-    module's own ``training`` flag afterwards, whatever it was."""
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        for m in model.modules():
-            m.training = bn_mode == "train" and isinstance(m, nn.modules.batchnorm._BatchNorm)
-        yield model
-    finally:
-        for m, training in saved:
-            m.training = training
-
-
-def model_tensors(model: nn.Module, device, dtype=None, channels_last: bool = False) -> tuple[dict, dict]:
-    """Detached copies of the model's parameters and buffers on ``device``:
-    (params, buffers), each name -> tensor, as ``functional_call`` takes them
-    (a tied weight once, under its ``named_parameters`` name)."""
-    def conv(t: Tensor) -> Tensor:
-        t = t.detach().to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else None, copy=True)
-        return _to_format(t, channels_last)
-
-    return ({n: conv(p) for n, p in model.named_parameters()},
-            {n: conv(b) for n, b in model.named_buffers()})
-
-
-def masked_params(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``params`` with every masked weight replaced by ``weight * mask``."""
-    out = dict(params)
-    for n, m in masks.items():
-        out[n] = params[n] * m
-    return out
-
-
-def call(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor) -> Tensor:
-    """The model's forward with the given parameter and buffer tensors."""
-    return functional_call(model, (dict(params), dict(buffers)), (x,), strict=True)
-
-
 def _leaf_masks(masks: Mapping[str, Tensor], like: Mapping[str, Tensor], channels_last=False) -> dict[str, Tensor]:
     """Copies of ``masks`` as leaves that take a gradient, with the device and
     dtype of the weights ``like`` they multiply."""
-    return {n: _to_format(m.to(like[n]), channels_last).clone().requires_grad_(True) for n, m in masks.items()}
+    return {n: to_format(m.to(like[n]), channels_last).clone().requires_grad_(True) for n, m in masks.items()}
 
 
 def warn_unused(names: Iterable[str], method: str) -> None:
@@ -319,33 +274,6 @@ def synflow_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreCont
 
 
 # -- NTK-SAP ------------------------------------------------------------------------
-def bn_batch_statistics(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                        x: Tensor) -> dict[str, Tensor]:
-    """Buffers whose BatchNorm running statistics are the batch statistics of
-    the network ``params`` on ``x`` (mean and unbiased variance), as one no-grad
-    train-mode pass with momentum 1 after a reset sets them (PAPER.md section 2).
-    Other buffers are returned unchanged. The model's own modules are untouched
-    apart from a temporary momentum of 1 and mode (:func:`scoring_mode`)."""
-    bns = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
-           and mod.track_running_stats}
-    fresh = dict(buffers)
-    for name in bns:
-        pre = f"{name}." if name else ""
-        fresh[pre + "running_mean"] = torch.zeros_like(buffers[pre + "running_mean"])
-        fresh[pre + "running_var"] = torch.ones_like(buffers[pre + "running_var"])
-        fresh[pre + "num_batches_tracked"] = torch.zeros_like(buffers[pre + "num_batches_tracked"])
-    momenta = {name: mod.momentum for name, mod in bns.items()}
-    try:
-        for mod in bns.values():
-            mod.momentum = 1.0
-        with scoring_mode(model, "train"), torch.no_grad():
-            call(model, params, fresh, x)
-    finally:
-        for name, mod in bns.items():
-            mod.momentum = momenta[name]
-    return fresh
-
-
 def ntksap_batch_mask_grad(model: nn.Module, theta: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
                            masks: Mapping[str, Tensor], z: Tensor, delta: Mapping[str, Tensor],
                            bn_mode: str = "unperturbed") -> Scores:
@@ -385,7 +313,7 @@ def redraw_weights(scratch: nn.Module, init_fn: Callable[[nn.Module], None], dev
     return copies of all its parameters (name -> tensor on ``device``)."""
     with torch.no_grad():
         scratch.apply(init_fn)
-    return {n: _to_format(p.detach().to(device, copy=True), channels_last) for n, p in scratch.named_parameters()}
+    return model_tensors(scratch, device, channels_last=channels_last)[0]
 
 
 def noise_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
@@ -420,7 +348,7 @@ def ntksap_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreConte
         scratch = ctx.extra["scratch"] = copy.deepcopy(model).to(ctx.device)
     cl = ctx.channels_last
     _, buffers = model_tensors(model, ctx.device, channels_last=cl)
-    live = {n: _to_format(m.to(ctx.device), cl) for n, m in masks.items()}
+    live = {n: to_format(m.to(ctx.device), cl) for n, m in masks.items()}
     total = {n: torch.zeros_like(m) for n, m in live.items()}
     fixed = None if ctx.redraw else model_tensors(model, ctx.device, channels_last=cl)[0]
     bn_mode = ctx.bn_mode or "unperturbed"
@@ -435,11 +363,11 @@ def ntksap_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreConte
         for b in inputs():
             theta = redraw_weights(scratch, init_fn, ctx.device, cl) if ctx.redraw else fixed
             if ctx.noise_inputs:
-                z = _to_format(torch.randn((b, *ctx.input_shape), device=ctx.device), cl)
+                z = to_format(torch.randn((b, *ctx.input_shape), device=ctx.device), cl)
             else:
                 z = b
             delta = {n: ctx.epsilon * torch.randn(theta[n].shape, device=ctx.device) for n in live}
-            delta = {n: _to_format(d, cl) for n, d in delta.items()}
+            delta = {n: to_format(d, cl) for n, d in delta.items()}
             for n, g in ntksap_batch_mask_grad(model, theta, buffers, live, z, delta, bn_mode).items():
                 total[n] += g
     return {n: t.abs().contiguous() for n, t in total.items()}

@@ -23,13 +23,11 @@ authors' training loop reports (epoch 0, the untrained network, with
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Dataset, DeviceLoader, resolve_device
+from .data import Dataset, DeviceLoader
+from .devices import resolve_device
 from .files import atomic_torch_save, atomic_write_text
+from .hashing import tensor_digest
 from .masks import Masks, apply_masks, check_masks, enforce_masks_after_step, prunable_parameters
+from .protocol import Train
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_top1", "test_top5", "epoch_time"]
 OUTPUT_FILES = ("checkpoint.pt", "history.csv", "model.pt", "metrics.json")
@@ -54,132 +55,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, or that belongs to a different run."""
 
 
-def _f(default, help: str):
-    """A dataclass field with a one-line description (``TrainConfig.help()``)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one training run. The first block defines the
-    experiment (it is part of the checkpoint fingerprint); the second only
-    how fast it runs (it may change between a run and its resume)."""
-
-    epochs: int = _f(160, "passes over the training set (0: only evaluate the initial model)")
-    batch_size: int = _f(128, "training mini-batch size")
-    lr: float = _f(0.1, "initial learning rate of SGD")
-    momentum: float = _f(0.9, "SGD momentum, in [0, 1)")
-    nesterov: bool = _f(False, "Nesterov momentum")
-    weight_decay: float = _f(1e-4, "L2 weight decay, applied to all parameters")
-    milestones: tuple[int, ...] = _f((80, 120), "epochs after which the lr is multiplied by gamma")
-    gamma: float = _f(0.1, "lr factor at each milestone")
-    augment: bool = _f(True, "the dataset's standard training augmentation")
-    # -- execution only: may change between a run and its resume ------------------------
-    channels_last: bool | None = _f(None, "channels-last memory format (None: on)")
-    amp: bool | None = _f(None, "bf16 autocast (None: on for CUDA with bf16 support, off on a CPU)")
-    compile: bool = _f(False, "torch.compile the model (pays on long GPU runs; slow to compile on a CPU)")
-    num_workers: int = _f(8, "loader processes, at most one per CPU core (ImageNet only)")
-    eval_batch_size: int = _f(500, "batch size for evaluation")
-
-    EXECUTION_FIELDS = ("channels_last", "amp", "compile", "num_workers", "eval_batch_size")
-
-    def __post_init__(self):
-        if isinstance(self.milestones, (list, tuple)):
-            self.milestones = tuple(self.milestones)
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """Field name -> one-line description."""
-        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
-
-    def validate(self) -> "TrainConfig":
-        """Raise ``ValueError`` naming the first bad field; return self."""
-        def bad(name, allowed):
-            return ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not allowed; {allowed}")
-
-        def is_int(v):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not is_int(self.epochs) or self.epochs < 0:
-            raise bad("epochs", "use an integer >= 0 (0: evaluate at initialisation only)")
-        if not is_int(self.batch_size) or self.batch_size < 1:
-            raise bad("batch_size", "use a positive integer")
-        if not is_num(self.lr) or self.lr <= 0:
-            raise bad("lr", "use a finite number > 0")
-        if not is_num(self.momentum) or not 0 <= self.momentum < 1:
-            raise bad("momentum", "use a number in [0, 1)")
-        if not isinstance(self.nesterov, bool):
-            raise bad("nesterov", "use True or False")
-        if self.nesterov and self.momentum == 0:
-            raise bad("nesterov", "Nesterov needs momentum > 0")
-        if not is_num(self.weight_decay) or self.weight_decay < 0:
-            raise bad("weight_decay", "use a finite number >= 0")
-        ms = self.milestones
-        if (not isinstance(ms, tuple) or not all(is_int(m) for m in ms) or any(m < 1 for m in ms)
-                or list(ms) != sorted(set(ms))):
-            raise bad("milestones", "use strictly increasing positive integers")
-        if not is_num(self.gamma) or not 0 < self.gamma <= 1:
-            raise bad("gamma", "use a number in (0, 1]")
-        if not isinstance(self.augment, bool):
-            raise bad("augment", "use True or False")
-        for name in ("channels_last", "amp"):
-            if getattr(self, name) not in (None, True, False):
-                raise bad(name, "use None (auto), True or False")
-        if not isinstance(self.compile, bool):
-            raise bad("compile", "use True or False")
-        if not is_int(self.num_workers) or self.num_workers < 0:
-            raise bad("num_workers", "use an integer >= 0")
-        if not is_int(self.eval_batch_size) or self.eval_batch_size < 1:
-            raise bad("eval_batch_size", "use a positive integer")
-        return self
-
-    def experiment(self) -> dict:
-        """The fields that define the experiment (fingerprinted), as plain values."""
-        d = dataclasses.asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k not in self.EXECUTION_FIELDS}
-
-    def resolve(self, device: torch.device) -> dict:
-        """Execution choices for ``device``: channels_last, amp (bool), compile."""
-        cuda = device.type == "cuda"
-        amp = self.amp
-        if amp is None:
-            amp = bool(cuda and torch.cuda.is_bf16_supported())
-        return {"channels_last": True if self.channels_last is None else self.channels_last,
-                "amp": amp, "compile": self.compile}
-
-
-def _protocol(**kw) -> TrainConfig:
-    return TrainConfig(**kw)
-
-
-#: The paper's training protocols (PAPER.md section 5), by dataset name; ``digits``
-#: is this project's quick protocol (15 epochs, a few seconds on one CPU core,
-#: about 99 % test accuracy for the dense digits net).
-PROTOCOLS: dict[str, TrainConfig] = {
-    "digits": _protocol(epochs=15, batch_size=64, lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
-                        milestones=(8, 12), gamma=0.1),
-    "cifar10": _protocol(epochs=160, batch_size=128, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
-                         milestones=(80, 120), gamma=0.1),
-    "cifar100": _protocol(epochs=160, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                          milestones=(60, 120), gamma=0.1),
-    "tiny_imagenet": _protocol(epochs=200, batch_size=256, lr=0.2, momentum=0.9, nesterov=False,
-                               weight_decay=5e-4, milestones=(100, 150), gamma=0.1),
-    # lr = 0.1 * batch / 256
-    "imagenet": _protocol(epochs=90, batch_size=256, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
-                          milestones=(30, 60, 80), gamma=0.1),
-}
-
-
-def protocol(dataset: str, **overrides) -> TrainConfig:
-    """A copy of ``PROTOCOLS[dataset]`` with ``overrides`` applied."""
-    if dataset not in PROTOCOLS:
-        raise ValueError(f"dataset={dataset!r} has no protocol; allowed: {sorted(PROTOCOLS)}")
-    return dataclasses.replace(PROTOCOLS[dataset], **overrides)
+def _execution(config: Train, device: torch.device) -> dict:
+    """The execution-only choices of ``config`` for ``device``: channels_last,
+    amp (bool; ``None``: on for CUDA with bf16 support) and compile."""
+    amp = config.amp
+    if amp is None:
+        amp = bool(device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return {"channels_last": True if config.channels_last is None else config.channels_last,
+            "amp": amp, "compile": config.compile}
 
 
 # ==================================================================================
@@ -245,29 +128,21 @@ def evaluate(model: nn.Module, loader, amp: bool = False) -> dict:
 # ==================================================================================
 # fingerprints, checkpoints
 # ==================================================================================
-def _hash_tensors(items) -> str:
-    h = hashlib.sha256()
-    for name, t in items:
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
-    return h.hexdigest()[:16]
-
-
 def _state_hash(model: nn.Module) -> str:
-    return _hash_tensors(sorted(model.state_dict().items()))
+    """16 hex digits of the :func:`~ntksap.hashing.tensor_digest` of the model's state dict."""
+    return tensor_digest(model.state_dict())[:16]
 
 
-def fingerprint(model: nn.Module, masks: Masks | None, bundle: Dataset, config: TrainConfig, seed: int) -> dict:
+def fingerprint(model: nn.Module, masks: Masks | None, bundle: Dataset, config: Train, seed: int) -> dict:
     """What makes a run this run: compared on resume, field by field."""
     fp = {f"config.{k}": v for k, v in config.experiment().items()}
     fp.update({
         "seed": int(seed),
         "dataset": f"{bundle.name} train={bundle.num_train} test={bundle.num_test} "
-                   f"labels={_hash_tensors([('y', bundle.train_labels), ('t', bundle.test_labels)])}",
+                   f"labels={tensor_digest({'y': bundle.train_labels, 't': bundle.test_labels})[:16]}",
         "architecture": hashlib.sha256(repr([(k, tuple(v.shape)) for k, v in model.state_dict().items()])
                                        .encode()).hexdigest()[:16],
-        "masks": "dense" if masks is None else _hash_tensors(sorted(masks.items())),
+        "masks": "dense" if masks is None else tensor_digest(masks)[:16],
         "initial_weights": _state_hash(model),
     })
     return fp
@@ -368,7 +243,7 @@ def _write_outputs(out_dir: Path, model: nn.Module, history: list[dict], density
 # ==================================================================================
 # the trainer
 # ==================================================================================
-def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig, out_dir, seed: int = 0,
+def train(model: nn.Module, masks, dataset_bundle: Dataset, config: Train, out_dir, seed: int = 0,
           device=None, progress: bool = True, distributed=None) -> pd.DataFrame:
     """Train ``model`` (masked by ``masks``; ``None`` = dense) on
     ``dataset_bundle`` with ``config``; write checkpoints and metrics to
@@ -387,9 +262,9 @@ def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig,
     ``wrap(model) -> net``, ``shard(batches)`` (this rank's part of each global
     batch) and ``reduce(train_metrics) -> train_metrics``; only rank 0 writes.
     """
-    if not isinstance(config, TrainConfig):
-        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
-    config.validate()
+    if not isinstance(config, Train):
+        raise ValueError(f"config must be an ntksap.params.Train (e.g. ntksap.params.protocol('digits')), "
+                         f"got {type(config).__name__}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed={seed!r} must be an integer")
     if not isinstance(dataset_bundle, Dataset):
@@ -400,7 +275,7 @@ def train(model: nn.Module, masks, dataset_bundle: Dataset, config: TrainConfig,
     device = resolve_device(device)
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "checkpoint.pt"
-    run = config.resolve(device)
+    run = _execution(config, device)
 
     fp = fingerprint(model, masks, dataset_bundle, config, seed)
     writer = distributed is None or distributed.rank == 0

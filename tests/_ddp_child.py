@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ntksap import Masks, build_model, data, train
-from ntksap.distributed import DDPHook, broadcast_masks, masks_digest
+from ntksap import Masks, build_model, data, params, train
+from ntksap.distributed import DDPHook, broadcast_masks
 from ntksap.files import atomic_torch_save, atomic_write_text
+from ntksap.hashing import tensor_digest
 
 
 def no_bn_model():
@@ -48,10 +49,10 @@ if __name__ == "__main__":
     model = no_bn_model()
     masks = broadcast_masks(Masks.load(mask_file) if rank == 0 else None)
     cpu = torch.device("cpu")
-    train.train(model, masks, bundle, train.protocol("digits", **CONFIG), out / "run", seed=3, device=cpu,
+    train.train(model, masks, bundle, params.protocol("digits", **CONFIG), out / "run", seed=3, device=cpu,
                 progress=False, distributed=DDPHook(cpu))
     zero = all(bool((p.detach()[masks[n] == 0] == 0).all()) for n, p in model.named_parameters() if n in masks)
     atomic_torch_save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / f"rank{rank}.pt")
-    atomic_write_text(json.dumps({"digest": masks_digest(masks), "pruned_zero": zero}), out / f"rank{rank}.json")
+    atomic_write_text(json.dumps({"digest": tensor_digest(masks), "pruned_zero": zero}), out / f"rank{rank}.json")
     dist.barrier()
     dist.destroy_process_group()

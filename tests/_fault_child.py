@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import ntksap
-from ntksap import Masks, build_model, data, train
+from ntksap import Masks, build_model, data, params, train
 
 from _slow_loader import slow_down_loader
 
@@ -42,7 +42,7 @@ CONFIG = dict(epochs=4, milestones=(2,))
 def run_train(out, root, sleep=0.0):
     slow_down_loader(sleep)
     model, masks = masked_model()
-    return train.train(model, masks, small_digits(root), train.protocol("digits", **CONFIG), out, seed=7,
+    return train.train(model, masks, small_digits(root), params.protocol("digits", **CONFIG), out, seed=7,
                        device="cpu", progress=False)
 
 

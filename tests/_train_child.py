@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from ntksap import Masks, build_model, data, train
+from ntksap import Masks, build_model, data, params, train
 
 from _slow_loader import slow_down_loader
 
@@ -28,5 +28,5 @@ torch.manual_seed(0)
 model = build_model("digits_cnn", bundle.num_classes)
 g = torch.Generator().manual_seed(1)
 masks = Masks({n: (torch.rand(m.shape, generator=g) < 0.5).float() for n, m in Masks.ones_like(model).items()})
-df = train.train(model, masks, bundle, train.protocol("digits", epochs=epochs), out_dir, seed=7, progress=False)
+df = train.train(model, masks, bundle, params.protocol("digits", epochs=epochs), out_dir, seed=7, progress=False)
 print(json.dumps({"resumed_from": df.attrs["resumed_from_epoch"], "test_top1": float(df["test_top1"].iloc[-1])}))

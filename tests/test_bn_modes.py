@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import ntksap
+from ntksap.functional import scoring_mode
 from ntksap.masks import Masks
-from ntksap.scores import METHODS, ScoreContext, scoring_mode
+from ntksap.scores import METHODS, ScoreContext
 from conftest import TinyConvBN
 
 SHAPE = (2, 6, 6)
@@ -181,7 +182,8 @@ def test_bn_mode_override_and_its_errors():
 
 
 def test_pipeline_refuses_a_bn_mode_the_method_does_not_have():
-    from ntksap.config import ParamsError, compose, parse_params
+    from ntksap.config import compose
+    from ntksap.params import ParamsError, parse_params
 
     data = compose("micro")
     data["runs"]["probe"] = {"method": "snip", "bn_mode": "unperturbed"}
@@ -195,8 +197,9 @@ def test_pipeline_refuses_a_bn_mode_the_method_does_not_have():
 
 
 def test_pipeline_count_rule_is_validated_and_reaches_prune():
-    from ntksap.config import ParamsError, compose, parse_params
-    from ntksap.pipeline import prune_kwargs
+    from ntksap.config import compose
+    from ntksap.params import ParamsError, parse_params
+    from ntksap.experiment import prune_kwargs
 
     data = compose("micro")
     data["prune"]["count_rule"] = "nearest"

@@ -1,4 +1,5 @@
-"""The parameter schema, its validation messages and the named experiment sets."""
+"""The parameter schema (ntksap.params), its validation messages, the named
+experiment sets and their Hydra groups (ntksap.config, ntksap/conf)."""
 
 import copy
 from pathlib import Path
@@ -6,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ntksap import config
-from ntksap.config import ParamsError, compose, experiment_sets, load_params, parse_params
+from ntksap import config, params, schema
+from ntksap.config import compose, experiment_sets
+from ntksap.params import ParamsError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_SPARSITIES = [1 - 0.8 ** k for k in range(2, 19, 2)]  # PAPER.md section 2
@@ -26,8 +28,8 @@ def test_every_paper_result_has_a_named_set_that_validates():
     assert PAPER_SETS <= set(sets)
     for name in sets:
         data = compose(name)
-        params = parse_params(data, name)
-        assert params.experiment == name  # results/<name>: sets never share a folder
+        p = parse_params(data, name)
+        assert p.experiment == name  # results/<name>: sets never share a folder
         assert sets[name], f"{name} has no description line"
 
 
@@ -45,9 +47,9 @@ def test_dvc_composes_the_same_params_as_config_compose(tmp_path, quick):
     from dvc.utils.hydra import compose_and_dump
 
     out = tmp_path / "params.yaml"
-    compose_and_dump(out, str(config.CONF_DIR), None, "config", "", ["experiment=cifar10_resnet20", "train.epochs=7"])
+    compose_and_dump(out, str(params.CONF_DIR), None, "config", "", ["experiment=cifar10_resnet20", "train.epochs=7"])
     assert yaml.safe_load(out.read_text()) == compose("cifar10_resnet20", ["train.epochs=7"])
-    compose_and_dump(out, str(config.CONF_DIR), None, "config", "", [])  # no override: the default set
+    compose_and_dump(out, str(params.CONF_DIR), None, "config", "", [])  # no override: the default set
     assert yaml.safe_load(out.read_text()) == quick
 
 
@@ -198,3 +200,166 @@ def test_hydra_refuses_an_override_of_an_unknown_key():
     with pytest.raises(ConfigCompositionException, match="batch_sise"):
         compose("quick", ["prune.batch_sise=3"])
 
+
+
+# ---------------------------------------------------------------------------------
+# the Hydra groups: train/<dataset>, runs/figure1, sparsity_grid/paper
+# ---------------------------------------------------------------------------------
+CONF = ROOT / "ntksap" / "conf"
+
+
+def _experiment_file(name):
+    return yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(experiment_sets()))
+def test_each_named_set_validates_and_takes_its_datasets_protocol(name):
+    p = parse_params(compose(name), name)
+    own = _experiment_file(name)
+    assert {"override /train": p.dataset} in own["defaults"]          # the dataset's protocol group ...
+    assert p.train == params.protocol(p.dataset, **own.get("train", {}))  # ... and only what the set changes
+    assert p.train.model_dump(include=set(params.Train.EXECUTION_FIELDS)) == {
+        "channels_last": None, "amp": None, "compile": False, "num_workers": 8, "eval_batch_size": 500}
+
+
+def test_named_sets_state_only_what_differs_from_the_groups():
+    figure1 = yaml.safe_load((CONF / "runs" / "figure1.yaml").read_text())
+    paper = yaml.safe_load((CONF / "sparsity_grid" / "paper.yaml").read_text())["sparsities"]
+    for name in experiment_sets():
+        own = _experiment_file(name)
+        dataset = own["dataset"]
+        protocol = params.protocol(dataset).model_dump()
+        for key, value in own.get("train", {}).items():
+            assert value != protocol[key], f"{name}: train.{key} repeats the {dataset} protocol"
+        assert own.get("sparsities") != paper, f"{name}: pick the paper's sparsities with `- /sparsity_grid: paper`"
+        if {"/runs": "figure1"} in own["defaults"]:
+            for run, settings in own.get("runs", {}).items():
+                for key, value in settings.items():
+                    assert figure1.get(run, {}).get(key) != value, f"{name}: runs.{run}.{key} repeats figure1"
+        else:
+            assert set(own["runs"]) != set(figure1), f"{name}: pick Figure 1's runs with `- /runs: figure1`"
+
+
+def test_the_groups_hold_the_papers_protocols_runs_and_sparsities():
+    c10 = params.protocol("cifar10")                                   # PAPER.md section 5, CIFAR-10 / ResNet-20
+    assert (c10.epochs, c10.batch_size, c10.lr, c10.momentum, c10.nesterov, c10.weight_decay, c10.milestones,
+            c10.gamma) == (160, 128, 0.1, 0.9, False, 1e-4, [80, 120], 0.1)
+    c100 = params.protocol("cifar100")
+    assert (c100.epochs, c100.batch_size, c100.nesterov, c100.weight_decay, c100.milestones) == \
+        (160, 128, True, 5e-4, [60, 120])
+    tiny = params.protocol("tiny_imagenet")
+    assert (tiny.epochs, tiny.batch_size, tiny.lr, tiny.weight_decay, tiny.milestones) == \
+        (200, 256, 0.2, 5e-4, [100, 150])
+    im = params.protocol("imagenet")
+    assert (im.epochs, im.batch_size, im.lr, im.weight_decay, im.milestones, im.processes) == \
+        (90, 256, 0.1, 1e-4, [30, 60, 80], "auto")
+    digits = params.protocol("digits")                                 # the quick set's protocol
+    assert (digits.epochs, digits.batch_size, digits.lr, digits.weight_decay, digits.milestones) == \
+        (10, 64, 0.1, 5e-4, [6, 8])
+    assert parse_params(compose("quick")).train == digits
+    paper = yaml.safe_load((CONF / "sparsity_grid" / "paper.yaml").read_text())["sparsities"]
+    assert paper == pytest.approx(PAPER_SPARSITIES, abs=5e-7)
+    runs = {name: params.Run(**run) for name, run in yaml.safe_load((CONF / "runs" / "figure1.yaml").read_text()).items()}
+    assert [r.method for r in runs.values()] == ["random", "magnitude", "snip", "iterative_snip", "grasp",
+                                                 "synflow", "ntksap"]
+    assert (runs["ntksap"].iterations, runs["ntksap"].rounds, runs["ntksap"].epsilon) == (20, 5, 0.01)
+
+
+def test_protocol_overrides_are_checked_and_unknown_datasets_refused():
+    assert params.protocol("digits", epochs=3, milestones=(2,)).milestones == [2]
+    with pytest.raises(ParamsError, match=r"^train protocol 'digits' .*epochs=-1 is not allowed; allowed: an "
+                                          r"integer >= 0"):
+        params.protocol("digits", epochs=-1)
+    with pytest.raises(ParamsError, match=r"unknown key 'epoch' \(did you mean 'epochs'\?\)"):
+        params.protocol("digits", epoch=3)
+    with pytest.raises(ParamsError, match=r"dataset='cifar01' is not allowed \(did you mean 'cifar10'\?\)"):
+        params.protocol("cifar01")
+
+
+# ---------------------------------------------------------------------------------
+# Train: the one training protocol (trainer, torchrun child, pipeline)
+# ---------------------------------------------------------------------------------
+def test_train_round_trips_through_a_dump_and_json():
+    import json
+
+    t = params.protocol("imagenet", amp=False, num_workers=2)
+    assert params.Train.model_validate(t.model_dump()) == t
+    assert params.Train.model_validate(json.loads(json.dumps(t.model_dump(mode="json")))) == t
+    assert params.protocol("imagenet", **json.loads(json.dumps(t.model_dump()))) == t
+
+
+def test_train_fingerprint_fields_leave_out_the_execution_only_ones():
+    t = params.protocol("cifar10")
+    assert list(t.experiment()) == ["epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+                                    "milestones", "gamma", "augment"]   # what TrainConfig fingerprinted
+    assert set(params.Train.EXECUTION_FIELDS) | set(t.experiment()) | {"processes"} == set(params.Train.model_fields)
+    assert params.protocol("cifar10", compile=True, eval_batch_size=7).experiment() == t.experiment()
+
+
+def test_a_changed_train_field_is_checked():
+    t = params.protocol("digits")
+    with pytest.raises(ParamsError, match=r"^Train: epochs=-1 is not allowed; allowed: an integer >= 0$"):
+        t.epochs = -1
+    with pytest.raises(ParamsError, match=r"Train: nesterov=True is not allowed with momentum=0"):
+        params.Train(epochs=1, batch_size=1, lr=0.1, weight_decay=0, momentum=0, nesterov=True)
+    with pytest.raises(ParamsError, match=r"Train: missing key 'lr'"):
+        params.Train(epochs=1, batch_size=1, weight_decay=0)
+
+
+# ---------------------------------------------------------------------------------
+# messages and describe
+# ---------------------------------------------------------------------------------
+def test_messages_name_source_key_value_allowed_and_the_closest_name(quick):
+    data = copy.deepcopy(quick)
+    data["runs"]["snip"]["method"] = "snipp"
+    data["prune"]["track"]["mode"] = "spectra"
+    data["train"]["lr"] = -0.1
+    data["plot"]["acuracy"] = "best"
+    with pytest.raises(ParamsError) as exc:
+        parse_params(data, "my.yaml")
+    lines = str(exc.value).splitlines()
+    assert lines == [   # every bad key, in the schema's order, one line each
+        "my.yaml: runs.snip.method='snipp' is not allowed (did you mean 'snip'?); allowed: one of random, "
+        "magnitude, snip, iterative_snip, grasp, synflow, ntksap, dense",
+        "my.yaml: prune.track.mode='spectra' is not allowed (did you mean 'spectrum'?); allowed: one of spectrum, "
+        "trace, none",
+        "my.yaml: train.lr=-0.1 is not allowed; allowed: a number > 0",
+        "my.yaml: unknown key 'plot.acuracy' (did you mean 'accuracy'?) with value 'best'; allowed keys at 'plot': "
+        "density_sparsity, table_sparsities, accuracy",
+    ]
+
+
+def test_the_data_section_is_machine_config_not_a_parameter(quick):
+    assert "data" not in quick
+    with pytest.raises(ParamsError, match=r"unknown key 'data' \(did you mean 'dataset'\?\)"):
+        parse_params({**quick, "data": {"root": "data"}})
+
+
+def test_describe_lists_every_field_of_every_model_with_what_is_allowed(capsys):
+    text = config.describe()
+    prefixes = {params.Params: "", params.Run: "runs.<name>.", params.Prune: "prune.", params.Track: "prune.track.",
+                params.Train: "train.", params.Spectrum: "spectrum.", params.Plot: "plot."}
+    sections = {"runs", "prune", "track", "train", "spectrum", "plot"}
+    rows = 0
+    for model, prefix in prefixes.items():
+        for name, field in model.model_fields.items():
+            if name in sections:
+                continue
+            assert field.description, f"{prefix}{name} has no description"
+            row = f"| `{prefix}{name}` | {field.description} | {schema.allowed(schema.field_type(field))} |"
+            assert row in text.splitlines(), row
+            rows += 1
+    assert len(text.splitlines()) == rows + 2                            # the header and nothing else
+    assert "| `train.epochs` | training epochs" in text and "an integer >= 0 |" in text
+    assert "| `runs.<name>.method` |" in text and "one of random, magnitude" in text
+    assert "null (the method's own) or one of train, eval, unperturbed" in text
+    assert config.main(["describe"]) == 0 and capsys.readouterr().out.strip() == text
+
+
+def test_list_and_section_keys_stay_plain_overrides_beside_the_groups():
+    """`-S sparsities=[...]`, `-S runs.<name>.<key>=...` and `-S train.epochs=...` override the
+    keys, not the groups that fill them (the sparsity group is named sparsity_grid for this)."""
+    p = config.compose("cifar10_resnet20", ["sparsities=[0.5,0.737856]", "runs.ntksap.iterations=5",
+                                            "train.epochs=3"])
+    assert p["sparsities"] == [0.5, 0.737856]
+    assert p["runs"]["ntksap"]["iterations"] == 5 and p["train"]["epochs"] == 3

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ntksap import Masks, data, train
-from ntksap.distributed import masks_digest
+from ntksap import Masks, data, params, train
+from ntksap.hashing import tensor_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -60,7 +60,7 @@ def test_ddp_two_gloo_ranks_equal_one_process_run(data_root, tmp_path):
     _torchrun([str(ROOT / "tests" / "_ddp_child.py"), str(tmp_path), str(data_root), str(tmp_path / "mask.pt")])
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["digest"] == ranks[1]["digest"] == masks_digest(masks)
+    assert ranks[0]["digest"] == ranks[1]["digest"] == tensor_digest(masks)
     assert ranks[0]["pruned_zero"] and ranks[1]["pruned_zero"]
     s0, s1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k in s0:
@@ -68,7 +68,7 @@ def test_ddp_two_gloo_ranks_equal_one_process_run(data_root, tmp_path):
 
     # the independent reference: the plain one-process trainer, same global batch of 64
     model = _ddp_child.no_bn_model()
-    ref = train.train(model, masks, _ddp_child.small_digits(data_root), train.protocol("digits", **_ddp_child.CONFIG),
+    ref = train.train(model, masks, _ddp_child.small_digits(data_root), params.protocol("digits", **_ddp_child.CONFIG),
                       tmp_path / "single", seed=3, device="cpu", progress=False)
     ddp = pd.read_csv(tmp_path / "run" / "history.csv")
     assert ddp.train_loss.iloc[1] < ddp.train_loss.iloc[0]
@@ -98,7 +98,7 @@ def test_ddp_cli_trains_a_saved_mask_and_resumes(data_root, tmp_path):
             "--out-dir", str(out), "--epochs", "2", "--milestones", "1", "--train-subset", "512", "--test-subset", "200"]
     r = _torchrun(args)
     line = json.loads([s for s in r.stdout.splitlines() if s.startswith("{")][-1])
-    assert line["world_size"] == 2 and line["masks_sha256"] == masks_digest(masks)
+    assert line["world_size"] == 2 and line["masks_sha256"] == tensor_digest(masks)
     assert line["density"] == pytest.approx(masks.density, abs=1e-12)
     hist = pd.read_csv(out / "history.csv")
     assert len(hist) == 2 and hist.train_loss.iloc[1] < hist.train_loss.iloc[0]
@@ -128,20 +128,23 @@ def test_ddp_cli_help_and_refuses_plain_launch(capsys, monkeypatch):
 
 
 def test_ddp_train_stage_launches_torchrun_when_train_processes_is_2(data_root, tmp_path, monkeypatch):
-    """The pipeline's train stage (``pipeline.train_run``) with
+    """The pipeline's train stage (``ntksap.stages.train.train_run``) with
     ``train.processes: 2`` trains every pruned net with 2 DDP processes: the
     checkpoint says world size 2, pruned weights stay zero, the nets learn, the
     stage output holds the results; a rerun trains nothing again; 1 process uses
     another resume folder (its key differs)."""
-    from ntksap import config, pipeline
+    from ntksap import config
+    from ntksap.params import parse_params
+    from ntksap.stages import prune as prune_stage
+    from ntksap.stages import train as train_stage
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("NTKSAP_DATA_ROOT", str(data_root))
     params = config.compose("micro", ["train.epochs=2", "train.processes=2", "prune.track.mode=none"])
-    params["data"]["root"] = str(data_root)
-    cfg = config.parse_params(params)
-    pipeline.prune_run(cfg, "magnitude", 0, tmp_path / "p")
-    res, hist = pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t", checkpoints=tmp_path / "ck")
+    cfg = parse_params(params)
+    prune_stage.prune_run(cfg, "magnitude", 0, tmp_path / "p")
+    res, hist = train_stage.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t", checkpoints=tmp_path / "ck")
     assert res["tag"].tolist() == ["sp50_00", "sp90_00"] and len(hist) == 2 * 2
     assert (res["test_top1"] > 50).all()                      # 10 classes: chance is 10 %
     work = sorted((tmp_path / "ck").iterdir())
@@ -155,21 +158,22 @@ def test_ddp_train_stage_launches_torchrun_when_train_processes_is_2(data_root, 
             assert bool((state[n][m == 0] == 0).all()), n
         assert (tmp_path / "t" / row.tag / "metrics.json").read_bytes() == (folder / "metrics.json").read_bytes()
     mtimes = [(f / "model.pt").stat().st_mtime_ns for f in work]
-    again, _ = pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t2", checkpoints=tmp_path / "ck")
+    again, _ = train_stage.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t2", checkpoints=tmp_path / "ck")
     assert again.equals(res) and [(f / "model.pt").stat().st_mtime_ns for f in work] == mtimes
-    run = train.fingerprint(torch.nn.Linear(1, 1), None, data.get_dataset("digits", root=data_root),
-                            pipeline.train_config(cfg), 0)
-    assert pipeline.resume_key(run, 1) != pipeline.resume_key(run, 2)
+    run = train.fingerprint(torch.nn.Linear(1, 1), None, data.get_dataset("digits", root=data_root), cfg.train, 0)
+    assert train_stage.resume_key(run, 1) != train_stage.resume_key(run, 2)
 
 
 def test_ddp_bad_process_count_is_refused_before_any_work():
-    from ntksap import config, pipeline
+    from ntksap import config
+    from ntksap.params import ParamsError, parse_params
+    from ntksap.stages.train import resolve_processes
 
     for bad in (0, "two", 1.5):
         params = config.compose("micro", [f"train.processes={bad}"])
-        with pytest.raises(config.ParamsError, match=rf"train.processes={bad!r} is not allowed.*'auto'"):
-            config.parse_params(params)
+        with pytest.raises(ParamsError, match=rf"train.processes={bad!r} is not allowed.*'auto'"):
+            parse_params(params)
         with pytest.raises(ValueError, match=rf"train.processes={bad!r} is not allowed"):
-            pipeline.resolve_processes(bad, "cpu")
-    assert config.parse_params(config.compose("micro", ["train.processes=auto"])).train.processes == "auto"
-    assert pipeline.resolve_processes("auto", "cpu") == 1 and pipeline.resolve_processes(3, "cpu") == 3
+            resolve_processes(bad, "cpu")
+    assert parse_params(config.compose("micro", ["train.processes=auto"])).train.processes == "auto"
+    assert resolve_processes("auto", "cpu") == 1 and resolve_processes(3, "cpu") == 3

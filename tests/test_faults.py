@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ntksap import Masks, data, train
+from ntksap import Masks, data, params, train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -134,7 +134,7 @@ def test_kill_pruning_while_saving_masks_never_leaves_a_partial_file(tmp_path):
 def finished_run(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     model, masks = child.masked_model()
-    train.train(model, masks, child.small_digits(data_root), train.protocol("digits", epochs=1), out, seed=7,
+    train.train(model, masks, child.small_digits(data_root), params.protocol("digits", epochs=1), out, seed=7,
                 device="cpu", progress=False)
     masks.save(out / "mask.pt")
     return out
@@ -150,7 +150,7 @@ def test_corrupt_truncated_checkpoint_is_detected_and_kept(finished_run, data_ro
     assert str(tmp_path / "checkpoint.pt") in str(e.value)
     model, masks = child.masked_model()
     with pytest.raises(train.CheckpointError, match="corrupt"):
-        train.train(model, masks, child.small_digits(data_root), train.protocol("digits", epochs=1), tmp_path,
+        train.train(model, masks, child.small_digits(data_root), params.protocol("digits", epochs=1), tmp_path,
                     seed=7, device="cpu", progress=False)
     assert (tmp_path / "checkpoint.pt").read_bytes() == bad     # left for the user to inspect
 
@@ -196,7 +196,7 @@ def test_fault_full_disk_keeps_previous_masks(tmp_path, monkeypatch):
 
 def test_fault_full_disk_mid_training_keeps_last_checkpoint_and_resumes(data_root, tmp_path, monkeypatch):
     bundle = child.small_digits(data_root)
-    cfg = train.protocol("digits", **child.CONFIG)
+    cfg = params.protocol("digits", **child.CONFIG)
     ref = tmp_path / "ref"
     model, masks = child.masked_model()
     train.train(model, masks, bundle, cfg, ref, seed=7, device="cpu", progress=False)
@@ -272,7 +272,7 @@ def test_corrupt_code_carrying_pickle_is_refused_for_masks_and_checkpoints(data_
     with pytest.raises(train.CheckpointError, match="corrupt or unreadable"):
         train.load_checkpoint(run / "checkpoint.pt")
     with pytest.raises(train.CheckpointError):
-        train.train(model, masks, child.small_digits(data_root), train.protocol("digits", epochs=1), run,
+        train.train(model, masks, child.small_digits(data_root), params.protocol("digits", epochs=1), run,
                     seed=7, device="cpu", progress=False)
     assert not marker.exists()
     # the payload is real: a plain (unsafe) load would have run it

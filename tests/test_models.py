@@ -55,7 +55,7 @@ def test_the_imagenet_stem_resnet18_differs_from_resnet18_tiny_only_in_the_stem(
 
 
 def test_the_imagenet_stem_named_set_composes_and_validates(tmp_path, capsys):
-    from ntksap import config
+    from ntksap import config, params
 
     name = "tiny_imagenet_resnet18_imagenet_stem"
     assert name in config.experiment_sets()
@@ -63,7 +63,7 @@ def test_the_imagenet_stem_named_set_composes_and_validates(tmp_path, capsys):
     assert config.main(["compose", name, "-o", str(out)]) == 0
     assert config.main(["check", str(out)]) == 0
     assert f"experiment '{name}': tiny_imagenet/resnet18_imagenet_stem" in capsys.readouterr().out
-    p = config.load_params(out)
+    p = params.load_params(out)
     assert p.experiment == name and p.model == "resnet18_imagenet_stem" and p.dataset == "tiny_imagenet"
     ours, default = config.compose(name), config.compose("tiny_imagenet_resnet18")
     assert default["model"] == "resnet18_tiny"  # the default Tiny-ImageNet model stays PAPER.md section 4's

@@ -489,6 +489,8 @@ def test_recorder_save(tmp_path):
 
 # -- frames and plots ---------------------------------------------------------------------------------
 def test_spectra_frame_and_plot():
+    from ntksap.figures.spectra import plot_spectra
+
     matplotlib = pytest.importorskip("matplotlib")
     pytest.importorskip("seaborn")
     matplotlib.use("Agg")
@@ -502,12 +504,12 @@ def test_spectra_frame_and_plot():
     assert len(frame) == 30
     r = frame[frame["label"] == "random"]["eigenvalue"].to_numpy()
     assert (r[:-1] >= r[1:]).all()  # re-sorted descending
-    ax = ntk.plot_spectra(frame)
+    ax = plot_spectra(frame)
     assert ax.get_yscale() == "log"
     assert len(ax.get_lines()) >= 2
     plt.close(ax.figure)
     with pytest.raises(ValueError, match="hue"):
-        ntk.plot_spectra(frame, hue="method")
+        plot_spectra(frame, hue="method")
 
 
 def test_import_does_not_load_plotting():

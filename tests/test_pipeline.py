@@ -7,7 +7,10 @@ minutes on 2 busy CPU cores. The unit tests at the top take a few seconds.
 """
 
 import copy
+import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,38 +19,111 @@ import pytest
 import torch
 import yaml
 
-from ntksap import config, pipeline
+from ntksap import config, experiment, layout, params, results
+from ntksap.figures import style as figure_style
 from ntksap.masks import Masks
+from ntksap.stages import prune as prune_stage
+from ntksap.stages import train as train_stage
 
 import dvcrepo
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _micro(monkeypatch, overrides=(), **values):
+    """The ``micro`` set with Hydra ``overrides`` and top-level ``values``, its
+    digits found in the repository's data folder (``NTKSAP_DATA_ROOT``: where
+    the data lives is machine config, not a parameter)."""
+    monkeypatch.setenv("NTKSAP_DATA_ROOT", str(ROOT / "data"))  # the digits cache, if the repository has one
+    return params.parse_params({**config.compose("micro", list(overrides)), **values})
+
+
 # -- helpers (fast) ------------------------------------------------------------------------
 def test_sparsity_tags_and_axis_positions():
-    assert pipeline.sparsity_tag(1 - 0.8 ** 18) == "sp98_20"
-    assert pipeline.sparsity_tag(0.36) == "sp36_00" and pipeline.sparsity_tag(0.0) == "sp00_00"
-    assert pipeline.sparsity_label(1 - 0.8 ** 14) == "95.60"
+    assert layout.sparsity_tag(1 - 0.8 ** 18) == "sp98_20"
+    assert layout.sparsity_tag(0.36) == "sp36_00" and layout.sparsity_tag(0.0) == "sp00_00"
+    assert layout.sparsity_label(1 - 0.8 ** 14) == "95.60"
     ks = np.arange(2, 19, 2)
-    assert np.allclose(pipeline.sparsity_position(1 - 0.8 ** ks), ks)  # evenly spaced, as in the paper
+    assert np.allclose(figure_style.sparsity_position(1 - 0.8 ** ks), ks)  # evenly spaced, as in the paper
+
+
+def test_layout_names_every_result_path():
+    cfg = params.parse_params(config.compose("micro"))
+    r = Path("results/micro")
+    assert layout.results_dir(cfg) == r and layout.params_ok_path(cfg) == r / "params.ok"
+    assert layout.prune_dir(cfg, "snip", 2) == r / "prune/snip-2"
+    assert layout.train_dir(cfg, "snip", 2) == r / "train/snip-2"
+    assert layout.spectrum_dir(cfg) == r / "spectrum" and layout.plots_dir(cfg) == r / "plots"
+    assert layout.series_dir(cfg) == r / "series" and layout.metrics_path(cfg) == r / "metrics.json"
+    assert layout.checkpoints_dir(cfg, "snip", 2) == r / "checkpoints/snip-2"
+    assert layout.notebook_path("prune", cfg, "snip", 2) == r / "notebooks/prune/snip-2.ipynb"
+    assert layout.notebook_path("train", cfg, "snip", 2) == r / "notebooks/train/snip-2.ipynb"
+    assert layout.notebook_path("spectrum", cfg) == r / "notebooks/spectrum.ipynb"
+    assert layout.notebook_path("plot", cfg) == r / "notebooks/plot.ipynb"
+    assert layout.timings_path("prune", cfg, "snip", 2) == r / "timings/prune/snip-2.csv"
+    assert layout.timings_path("train", cfg, "snip", 2) == r / "timings/train/snip-2.csv"
+    assert layout.prepared_path("cifar10") == Path("data/prepared/cifar10.pt")
+    assert layout.mask_file("sp50_00") == "masks/sp50_00.pt"
+    with pytest.raises(ValueError, match=r"stage='trian' is not allowed \(did you mean 'train'\?\)"):
+        layout.notebook_path("trian", cfg, "snip", 2)
+    with pytest.raises(ValueError, match="stage='plot' is not allowed; allowed: one of 'prune', 'train'"):
+        layout.timings_path("plot", cfg, "snip", 2)
+    with pytest.raises(ValueError, match="needs run and seed"):
+        layout.notebook_path("prune", cfg)
+    with pytest.raises(ValueError, match="takes no run or seed"):
+        layout.notebook_path("plot", cfg, "snip", 2)
+
+
+def test_each_stage_and_figure_module_imports_only_what_it_uses():
+    """``ntksap.stages`` and ``ntksap.figures`` import nothing themselves, so a
+    notebook importing one stage or figure module does not import the others
+    (and its code dependencies stay exact)."""
+    own = ["ntksap.stages." + m for m in ("prune", "train", "spectrum")] + \
+          ["ntksap.figures." + m for m in ("style", "accuracy", "pruning", "spectra")] + ["ntksap.results"]
+    uses = {"ntksap.figures.accuracy": {"ntksap.results", "ntksap.figures.style"}}  # what a module may import
+    script = ("import importlib, json, sys\n"
+              "loaded = {}\n"
+              f"for name in {own!r}:\n"
+              "    importlib.import_module(name)\n"
+              "    loaded[name] = sorted(m for m in sys.modules if m.startswith('ntksap'))\n"
+              "    for m in [m for m in sys.modules if m.startswith('ntksap')]:\n"
+              "        del sys.modules[m]  # the next module is imported afresh\n"
+              "print(json.dumps(loaded))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    for name in own:
+        others = set(own) & set(loaded[name]) - {name} - uses.get(name, set())
+        assert not others, f"importing {name} imports {sorted(others)}"
 
 
 def test_paths_in_dvc_yaml_match_the_helpers():
-    """Every stage of dvc.yaml writes where pipeline.py (and so the notebooks) reads."""
+    """Every stage of dvc.yaml writes where ntksap.layout (and so the notebooks) reads."""
     from dvc.repo import Repo
 
-    cfg = config.load_params(ROOT / "params.yaml")
+    cfg = params.load_params(ROOT / "params.yaml")
     with Repo(str(ROOT)) as repo:
-        outs = {s.addressing: [str(Path(o.fs_path).relative_to(ROOT)) for o in s.outs] for s in repo.index.stages}
+        outs = {s.addressing: {str(Path(o.fs_path).relative_to(ROOT)) for o in s.outs} for s in repo.index.stages}
+    as_str = lambda *paths: {str(p) for p in paths}  # noqa: E731
     for run in cfg.runs:
         for seed in cfg.seeds:
-            assert outs[f"prune@{run}-{seed}"] == [str(pipeline.prune_dir(cfg, run, seed))]
-            assert outs[f"train@{run}-{seed}"] == [str(pipeline.train_dir(cfg, run, seed))]
-    assert outs["spectrum"] == [str(pipeline.spectrum_dir(cfg))]
-    assert str(pipeline.plots_dir(cfg)) in outs["plot"]
-    assert set(outs) == {"check", "spectrum", "plot"} | {f"{st}@{r}-{s}" for st in ("prune", "train")
-                                                         for r in cfg.runs for s in cfg.seeds}
+            assert outs[f"prune@{run}-{seed}"] == as_str(layout.prune_dir(cfg, run, seed),
+                                                         layout.notebook_path("prune", cfg, run, seed),
+                                                         layout.timings_path("prune", cfg, run, seed))
+            assert outs[f"train@{run}-{seed}"] == as_str(layout.train_dir(cfg, run, seed),
+                                                         layout.notebook_path("train", cfg, run, seed),
+                                                         layout.timings_path("train", cfg, run, seed))
+    assert outs["check"] == as_str(layout.params_ok_path(cfg))
+    assert outs["spectrum"] == as_str(layout.spectrum_dir(cfg), layout.notebook_path("spectrum", cfg))
+    plot = as_str(layout.plots_dir(cfg), layout.notebook_path("plot", cfg), layout.metrics_path(cfg))
+    assert plot <= outs["plot"]
+    series = str(layout.series_dir(cfg))
+    assert all(o in plot or o == series or o.startswith(series + "/") or o.startswith("docs/figures/")
+               for o in outs["plot"]), outs["plot"]
+    assert any(o == series or o.startswith(series + "/") for o in outs["plot"])
+    prepare = {a for a in outs if a.split("@")[0] == "prepare"}
+    assert any(str(layout.prepared_path(cfg.dataset)) in outs[a] for a in prepare), prepare
+    assert set(outs) - prepare == {"check", "spectrum", "plot"} | {f"{st}@{r}-{s}" for st in ("prune", "train")
+                                                                   for r in cfg.runs for s in cfg.seeds}
 
 
 def test_summaries_and_table_match_a_naive_computation():
@@ -57,18 +133,18 @@ def test_summaries_and_table_match_a_naive_computation():
     rows += [{"run": "dense", "label": "Dense", "method": "dense", "seed": s, "sparsity": 0.0, "test_top1": 95.0 + s}
              for s in (0, 1, 2)]
     res = pd.DataFrame(rows)
-    summ = pipeline.summarise(res)
+    summ = results.summarise(res)
     for (run, sp), g in res.groupby(["run", "sparsity"]):
         hit = summ[(summ["run"] == run) & (summ["sparsity"] == sp)].iloc[0]
         vals = g["test_top1"].to_numpy()
         assert hit["mean"] == pytest.approx(vals.sum() / len(vals))
         assert hit["std"] == pytest.approx(np.sqrt(((vals - vals.mean()) ** 2).sum() / (len(vals) - 1)))
         assert hit["seeds"] == 3
-    table = pipeline.accuracy_table(summ, [0.9])
+    table = results.accuracy_table(summ, [0.9])
     ntk = res[(res.run == "ntksap") & (res.sparsity == 0.9)]["test_top1"]
     assert table.loc["NTKSAP", "90.00"] == f"{ntk.mean():.2f} ± {ntk.std(ddof=1):.2f}"
     assert table.loc["Dense", "90.00"] == "96.00 ± 1.00"  # a dense run fills every column
-    md = pipeline.to_markdown(table)
+    md = results.to_markdown(table)
     assert md.splitlines()[0] == "| method \\ sparsity (%): final test top-1 (%) | 90.00 |"  # names the accuracy
     assert len(md.splitlines()) == 2 + 3
 
@@ -79,7 +155,7 @@ def test_score_histogram_counts_every_live_weight_once():
     previous = Masks({"a": (torch.rand(5, 7, generator=g) > 0.3).float(), "b": torch.ones(11)})
     scores = {n: s * previous[n] for n, s in scores.items()}
     final = Masks({n: previous[n] * (scores[n] > 0.5).float() for n in scores})
-    h = pipeline._score_histogram(scores, previous, final, bins=10)
+    h = prune_stage.score_histogram(scores, previous, final, bins=10)
     alive = int(sum(m.sum() for m in previous.values()))
     assert h["pruned"].sum() + h["kept"].sum() == alive
     assert h["kept"].sum() == int(sum(m.sum() for m in final.values()))
@@ -88,14 +164,14 @@ def test_score_histogram_counts_every_live_weight_once():
 
 
 def test_prune_kwargs_follow_the_run():
-    cfg = config.parse_params(config.compose("ablation_fixed_weights"))
-    kw = pipeline.prune_kwargs(cfg, "ntksap_redraw", 3, (3, 32, 32))
+    cfg = params.parse_params(config.compose("ablation_fixed_weights"))
+    kw = experiment.prune_kwargs(cfg, "ntksap_redraw", 3, (3, 32, 32))
     assert (kw["iterations"], kw["rounds"], kw["epsilon"], kw["seed"], kw["batch_size"]) == (20, 5, 0.01, 3, 256)
     assert kw["redraw"] is True and kw["noise_inputs"] is True  # the paper's NTK-SAP
-    assert pipeline.prune_kwargs(cfg, "ntksap_fixed", 3, (3, 32, 32))["redraw"] is False
-    cfg = config.parse_params(config.compose("ablation_noise_vs_data"))
-    assert pipeline.prune_kwargs(cfg, "ntksap_data", 0, (3, 32, 32))["noise_inputs"] is False
-    assert pipeline.prune_kwargs(cfg, "ntksap_noise", 0, (3, 32, 32))["noise_inputs"] is True
+    assert experiment.prune_kwargs(cfg, "ntksap_fixed", 3, (3, 32, 32))["redraw"] is False
+    cfg = params.parse_params(config.compose("ablation_noise_vs_data"))
+    assert experiment.prune_kwargs(cfg, "ntksap_data", 0, (3, 32, 32))["noise_inputs"] is False
+    assert experiment.prune_kwargs(cfg, "ntksap_noise", 0, (3, 32, 32))["noise_inputs"] is True
     import inspect
 
     import ntksap
@@ -105,49 +181,62 @@ def test_prune_kwargs_follow_the_run():
 
 def test_prune_and_train_helpers_with_zero_epochs(tmp_path, monkeypatch):
     """``train.epochs: 0`` (the Figure 2 set) evaluates each pruned net at its
-    init; the accuracy matches a naive evaluation of the masked network."""
+    init; the accuracy matches a naive evaluation of the masked network. The
+    prune stage's seconds go to the timings file, not to ``masks.csv``."""
     monkeypatch.chdir(tmp_path)
-    data = config.compose("micro", ["train.epochs=0", "prune.track.mode=none"])
-    data["data"]["root"] = str(ROOT / "data")  # the digits cache, if the repository has one
-    cfg = config.parse_params(data)
-    res = pipeline.prune_run(cfg, "magnitude", 0, tmp_path / "p")
+    cfg = _micro(monkeypatch, ["train.epochs=0", "prune.track.mode=none"])
+    res = prune_stage.prune_run(cfg, "magnitude", 0, tmp_path / "p")
     assert res.track.empty and list(res.masks["tag"]) == ["sp50_00", "sp90_00"]
-    results, history = pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t")
-    assert history.empty and list(results["epochs"]) == [0, 0]
-    assert list(results["best_test_top1"]) == list(results["test_top1"]) and list(results["best_epoch"]) == [0, 0]
-    assert list(results["best_test_top5"]) == list(results["test_top5"])  # no epochs: best = final
-    bundle = pipeline.load_dataset(cfg)
+    manifest = pd.read_csv(tmp_path / "p" / "masks.csv")
+    assert list(manifest.columns) == ["sparsity", "tag", "path", "kept", "numel", "density"]  # no seconds
+    timings = pd.read_csv(layout.timings_path("prune", cfg, "magnitude", 0))
+    assert list(timings.columns) == ["sparsity", "tag", "seconds"] and list(timings["tag"]) == ["sp50_00", "sp90_00"]
+    assert (timings["seconds"] > 0).all() and timings.equals(res.timings)
+    results_, history = train_stage.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t")
+    assert history.empty and list(results_["epochs"]) == [0, 0] and "epoch_time" not in history
+    assert list(results_["best_test_top1"]) == list(results_["test_top1"]) and list(results_["best_epoch"]) == [0, 0]
+    assert list(results_["best_test_top5"]) == list(results_["test_top5"])  # no epochs: best = final
+    assert pd.read_csv(layout.timings_path("train", cfg, "magnitude", 0)).empty
+    bundle = experiment.load_dataset(cfg)
     from ntksap.data import normalise
 
     x, y = normalise(bundle, bundle.test_images), bundle.test_labels
-    for row in results.itertuples():
-        model = pipeline.new_model(cfg, 10, 0)
+    for row in results_.itertuples():
+        model = experiment.new_model(cfg, 10, 0)
         model.load_state_dict(torch.load(tmp_path / "p" / "init.pt", weights_only=True))
         masks = Masks.load(tmp_path / "p" / "masks" / f"{row.tag}.pt")
-        params = dict(model.named_parameters())
+        named = dict(model.named_parameters())
         with torch.no_grad():
             for name, m in masks.items():
-                params[name].mul_(m)
+                named[name].mul_(m)
             model.eval()
             acc = 100.0 * (model(x).argmax(1) == y).float().mean().item()
         assert row.test_top1 == pytest.approx(acc, abs=1e-6)
+
+
+def _rows_without(path: Path, column: str) -> list[list[str]]:
+    """A CSV file's rows as written (text), without one column."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = [i for i, c in enumerate(rows[0]) if c != column]
+    return [[r[i] for i in keep] for r in rows]
 
 
 def test_train_stage_resumes_an_interrupted_run_from_its_checkpoint_folder(tmp_path, monkeypatch, one_thread):
     """DVC deletes a stage's outputs before running it again, so the train stage
     trains in ``results/<experiment>/checkpoints/``: after an interruption in
     epoch 2 of 3, the rerun trains only the missing epochs and its results
-    equal an uninterrupted run's (another checkpoint folder)."""
+    equal an uninterrupted run's (another checkpoint folder). The published
+    histories hold no timings (they go to the timings file) and every other
+    value exactly as the trainer wrote it."""
     import ntksap.train as trainer
 
     monkeypatch.chdir(tmp_path)
-    data = config.compose("micro", ["train.epochs=3", "prune.track.mode=none", "sparsities=[0.5]",
-                                     "spectrum.sparsity=0.5"])
-    data["data"]["root"] = str(ROOT / "data")
-    cfg = config.parse_params(data)
-    pipeline.prune_run(cfg, "magnitude", 0, tmp_path / "p")
-    assert pipeline.checkpoints_dir(cfg, "magnitude", 0) == Path("results/micro/checkpoints/magnitude-0")
-    reference, _ = pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "ref")
+    cfg = _micro(monkeypatch, ["train.epochs=3", "prune.track.mode=none", "spectrum.sparsity=0.5"],
+                 sparsities=[0.5])
+    prune_stage.prune_run(cfg, "magnitude", 0, tmp_path / "p")
+    assert layout.checkpoints_dir(cfg, "magnitude", 0) == Path("results/micro/checkpoints/magnitude-0")
+    reference, _ = train_stage.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "ref")
 
     real_evaluate, real_epoch, calls = trainer.evaluate, trainer.train_epoch, {"evaluate": 0, "epochs": 0}
 
@@ -163,16 +252,24 @@ def test_train_stage_resumes_an_interrupted_run_from_its_checkpoint_folder(tmp_p
 
     monkeypatch.setattr(trainer, "evaluate", evaluate_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t", checkpoints=tmp_path / "ck")
+        train_stage.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t", checkpoints=tmp_path / "ck")
     assert not (tmp_path / "t" / "results.csv").exists()
     monkeypatch.setattr(trainer, "evaluate", real_evaluate)
     monkeypatch.setattr(trainer, "train_epoch", counted_epoch)
     calls["epochs"] = 0
-    res, hist = pipeline.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t", checkpoints=tmp_path / "ck")
+    res, hist = train_stage.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t",
+                                      checkpoints=tmp_path / "ck", timings=tmp_path / "times.csv")
     assert calls["epochs"] == 2                       # epochs 2 and 3 only
     assert res.drop(columns="density").equals(reference.drop(columns="density"))
-    ref_hist = pd.read_csv(tmp_path / "ref" / "history.csv").drop(columns="epoch_time")
-    assert hist.drop(columns="epoch_time").reset_index(drop=True).equals(ref_hist)
+    assert "epoch_time" not in hist and "epoch_time" not in pd.read_csv(tmp_path / "t" / "sp50_00" / "history.csv")
+    ref_hist = pd.read_csv(tmp_path / "ref" / "history.csv")
+    assert hist.reset_index(drop=True).equals(ref_hist)
+    assert (tmp_path / "t" / "history.csv").read_bytes() == (tmp_path / "ref" / "history.csv").read_bytes()
+    (work,) = (tmp_path / "ck").iterdir()
+    assert _rows_without(work / "history.csv", "epoch_time") == _rows_without(tmp_path / "t" / "sp50_00" /
+                                                                              "history.csv", "epoch_time")
+    times = pd.read_csv(tmp_path / "times.csv")
+    assert list(times.columns) == ["sparsity", "epoch", "epoch_time"] and list(times["epoch"]) == [1, 2, 3]
     a = torch.load(tmp_path / "t" / "sp50_00" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "ref" / "sp50_00" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -198,19 +295,23 @@ def reproduced(repo):
 
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage_and_notebook(repo, reproduced):
-    cfg = config.load_params(repo / "params.yaml")
+    cfg = params.load_params(repo / "params.yaml")
     expected = {"check", "spectrum", "plot"} | {f"{s}@{r}-0" for s in ("prune", "train") for r in MICRO_RUNS}
-    assert dvcrepo.ran(reproduced) == expected
+    ran = dvcrepo.ran(reproduced)
+    prepared = {s for s in ran if s.split("@")[0] == "prepare"}
+    assert ran - prepared == expected and prepared  # and the dataset's prepare stage
     for nb in [*(repo / "results/micro").rglob("*.ipynb")]:
         book = json.loads(nb.read_text())
         errors = [o for c in book["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, f"{nb}: {errors}"
         injected = [c for c in book["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
         assert injected, f"{nb} was not run by papermill"
-    notebooks = sorted(str(p.relative_to(repo / "results/micro")) for p in (repo / "results/micro").rglob("*.ipynb"))
-    assert notebooks == ["plots/plot.ipynb", "prune/magnitude-0/prune.ipynb", "prune/ntksap-0/prune.ipynb",
-                         "spectrum/spectrum.ipynb", "train/magnitude-0/train.ipynb", "train/ntksap-0/train.ipynb"]
-    assert cfg.experiment == "micro" and config.to_dict(cfg) == config.to_dict(config.parse_params(
+    notebooks = sorted(str(p.relative_to(repo)) for p in (repo / "results/micro").rglob("*.ipynb"))
+    assert notebooks == sorted(str(p) for p in [
+        layout.notebook_path("plot", cfg), layout.notebook_path("spectrum", cfg),
+        *(layout.notebook_path(s, cfg, r, 0) for s in ("prune", "train") for r in MICRO_RUNS)])
+    assert notebooks[0] == "results/micro/notebooks/plot.ipynb"  # the executed notebooks: outside every output
+    assert cfg.experiment == "micro" and params.to_dict(cfg) == params.to_dict(params.parse_params(
         config.compose("micro")))  # params.yaml is the named set
     shown = dvcrepo.run(repo, "dvc", "exp", "show", "--json").stdout
     assert "results/micro/metrics.json" in shown and "experiment" in shown
@@ -218,11 +319,14 @@ def test_dvc_repro_runs_every_stage_and_notebook(repo, reproduced):
 
 @pytest.mark.slow
 def test_prune_stage_outputs(repo, reproduced):
-    cfg = config.load_params(repo / "params.yaml")
+    cfg = params.load_params(repo / "params.yaml")
     for run in MICRO_RUNS:
-        out = repo / pipeline.prune_dir(cfg, run, 0)
+        out = repo / layout.prune_dir(cfg, run, 0)
         manifest = pd.read_csv(out / "masks.csv")
-        assert manifest["sparsity"].tolist() == cfg.sparsities
+        assert manifest["sparsity"].tolist() == cfg.sparsities and "seconds" not in manifest  # deterministic
+        assert not list(out.rglob("*.ipynb"))
+        timings = pd.read_csv(repo / layout.timings_path("prune", cfg, run, 0))
+        assert list(timings.columns) == ["sparsity", "tag", "seconds"] and timings["tag"].equals(manifest["tag"])
         init = torch.load(out / "init.pt", weights_only=True)
         for row in manifest.itertuples():
             masks = Masks.load(out / row.path)
@@ -240,24 +344,27 @@ def test_prune_stage_outputs(repo, reproduced):
         scores = pd.read_csv(out / "scores.csv")
         assert set(scores["sparsity"]) == set(cfg.sparsities)
     # the same seed gives the same init for every run
-    a = torch.load(repo / pipeline.prune_dir(cfg, "magnitude", 0) / "init.pt", weights_only=True)
-    b = torch.load(repo / pipeline.prune_dir(cfg, "ntksap", 0) / "init.pt", weights_only=True)
+    a = torch.load(repo / layout.prune_dir(cfg, "magnitude", 0) / "init.pt", weights_only=True)
+    b = torch.load(repo / layout.prune_dir(cfg, "ntksap", 0) / "init.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
 def test_train_spectrum_and_plot_outputs(repo, reproduced):
-    cfg = config.load_params(repo / "params.yaml")
+    cfg = params.load_params(repo / "params.yaml")
     res_dir = repo / "results/micro"
     for run in MICRO_RUNS:
-        out = repo / pipeline.train_dir(cfg, run, 0)
+        out = repo / layout.train_dir(cfg, run, 0)
         res = pd.read_csv(out / "results.csv")
         assert res["sparsity"].tolist() == cfg.sparsities and res["test_top1"].between(0, 100).all()
         hist = pd.read_csv(out / "history.csv")
-        assert len(hist) == cfg.train.epochs * len(cfg.sparsities)
+        assert len(hist) == cfg.train.epochs * len(cfg.sparsities) and "epoch_time" not in hist  # deterministic
+        timings = pd.read_csv(repo / layout.timings_path("train", cfg, run, 0))
+        assert list(timings.columns) == ["sparsity", "epoch", "epoch_time"] and len(timings) == len(hist)
         for tag in res["tag"]:
             assert (out / tag / "metrics.json").is_file() and (out / tag / "model.pt").is_file()
-            ckpts = list((repo / pipeline.checkpoints_dir(cfg, run, 0)).glob(f"{tag}-*/checkpoint.pt"))
+            assert "epoch_time" not in pd.read_csv(out / tag / "history.csv")
+            ckpts = list((repo / layout.checkpoints_dir(cfg, run, 0)).glob(f"{tag}-*/checkpoint.pt"))
             assert len(ckpts) == 1  # the resumable run lives outside DVC's output
     eig = pd.read_csv(res_dir / "spectrum/eigenvalues.csv")
     counts = eig.groupby(eig.columns[0]).size()
@@ -270,16 +377,17 @@ def test_train_spectrum_and_plot_outputs(repo, reproduced):
     table = (plots / "table.md").read_text()
     assert "NTK-SAP" in table and "Magnitude" in table and "90.00" in table
     assert "final test top-1 (%)" in table.splitlines()[0]  # plot.accuracy's default, named in the header
-    metrics = json.loads((res_dir / "metrics.json").read_text())
+    metrics = json.loads((repo / layout.metrics_path(cfg)).read_text())
     assert set(metrics) == {"final", "best"}  # both, whichever the figures show
     acc = pd.read_csv(plots / "accuracy.csv")
     for run in MICRO_RUNS:
         for s in cfg.sparsities:
             mine = acc[(acc["run"] == run) & ((acc["sparsity"] - s).abs() < 1e-12)]
-            assert metrics["final"][run][pipeline.sparsity_tag(s)] == pytest.approx(mine["test_top1"].mean(), abs=1e-4)
-            assert metrics["best"][run][pipeline.sparsity_tag(s)] == pytest.approx(mine["best_test_top1"].mean(),
-                                                                                   abs=1e-4)
-        assert (plots / "accuracy" / f"{run}.csv").is_file() and (plots / "curves" / f"{run}.csv").is_file()
+            assert metrics["final"][run][layout.sparsity_tag(s)] == pytest.approx(mine["test_top1"].mean(), abs=1e-4)
+            assert metrics["best"][run][layout.sparsity_tag(s)] == pytest.approx(mine["best_test_top1"].mean(),
+                                                                                 abs=1e-4)
+        series = repo / layout.series_dir(cfg)
+        assert (series / "accuracy" / f"{run}.csv").is_file() and (series / "curves" / f"{run}.csv").is_file()
     shown = json.loads(dvcrepo.run(repo, "dvc", "metrics", "show", "--json").stdout)
     assert "results/micro/metrics.json" in json.dumps(shown)
     dvcrepo.run(repo, "dvc", "plots", "show", "-o", str(repo / "dvc_plots"))
@@ -293,21 +401,21 @@ def _changed(repo: Path) -> set[str]:
 @pytest.mark.slow
 def test_changing_one_parameter_reruns_only_what_it_affects(repo, reproduced):
     assert _changed(repo) == set()  # everything cached
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    assert params["experiment"] == "micro"
+    values = yaml.safe_load((repo / "params.yaml").read_text())
+    assert values["experiment"] == "micro"
     try:
         # a new seed: its own (run, seed) stages and those that gather every run, not the cached ones
-        config.write_params({**params, "seeds": [0, 1]}, repo / "params.yaml")
+        config.write_params({**values, "seeds": [0, 1]}, repo / "params.yaml")
         changed = _changed(repo)
         assert {"prune@magnitude-1", "prune@ntksap-1", "train@magnitude-1", "train@ntksap-1"} <= changed
         assert {"prune@magnitude-0", "prune@ntksap-0", "train@magnitude-0", "train@ntksap-0"}.isdisjoint(changed)
         # NTK-SAP's iterations: NTK-SAP's prune stage (its train follows through its output), not magnitude's
-        more = copy.deepcopy(params)
+        more = copy.deepcopy(values)
         more["runs"]["ntksap"]["iterations"] = 3
         config.write_params(more, repo / "params.yaml")
         assert _changed(repo) == {"check", "prune@ntksap-0", "spectrum", "plot"}
         # the Figure 2 probe size: only the spectrum stage (and the check) run again
-        more = copy.deepcopy(params)
+        more = copy.deepcopy(values)
         more["spectrum"]["num_inputs"] = 5
         config.write_params(more, repo / "params.yaml")
         out = dvcrepo.run(repo, "dvc", "repro")
@@ -316,7 +424,7 @@ def test_changing_one_parameter_reruns_only_what_it_affects(repo, reproduced):
         eig = pd.read_csv(repo / "results/micro/spectrum/eigenvalues.csv")
         assert (eig.groupby("label").size() == 5 * 10).all()
     finally:
-        config.write_params(params, repo / "params.yaml")
+        config.write_params(values, repo / "params.yaml")
 
 
 @pytest.mark.slow

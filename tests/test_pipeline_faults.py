@@ -41,6 +41,7 @@ import torch
 import yaml
 
 from ntksap import config
+from ntksap.params import load_params
 from ntksap.masks import Masks
 
 import dvcrepo
@@ -460,7 +461,7 @@ def test_kill_dvc_repro_at_random_points_then_rerun_equals_undisturbed(tmp_path)
         for s, outs in stages.items():
             _assert_stage_equal(a, b, outs)
         res = a / "results" / EXPERIMENT
-        cfg = config.load_params(a / "params.yaml")
+        cfg = load_params(a / "params.yaml")
         for run in cfg.runs:                             # the headline results, spelled out
             for tag in ("sp50_00", "sp90_00"):
                 ma, mb = (Masks.load(r / "results" / EXPERIMENT / "prune" / f"{run}-0" / "masks" / f"{tag}.pt")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ntksap import augment, config, data
+from ntksap.params import parse_params
 from conftest import image_folders
 
 
@@ -211,30 +212,30 @@ def test_config_accepts_the_prune_set_choices_and_refuses_others(capsys):
 
 @pytest.mark.parametrize("choice", ["balanced", "random"])
 def test_prune_run_picks_the_prune_set_from_the_config(tmp_path, monkeypatch, choice):
-    from ntksap import pipeline
+    from ntksap.stages import prune as prune_stage
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NTKSAP_DATA_ROOT", str(Path(__file__).resolve().parents[1] / "data"))  # the digits cache
     params = config.compose("micro", ["prune.track.mode=none", f"prune.prune_set={choice}"])
-    params["data"]["root"] = str(Path(__file__).resolve().parents[1] / "data")  # the digits cache, if any
     params["runs"]["snip"] = {"method": "snip", "iterations": 1}
-    cfg = config.parse_params(params)
+    cfg = parse_params(params)
     made = []
     for name in ("prune_batches", "prune_loader"):
         real = getattr(data, name)
         monkeypatch.setattr(data, name, lambda *a, _real=real, _name=name, **k: made.append(_name) or _real(*a, **k))
-    res = pipeline.prune_run(cfg, "snip", 0, tmp_path / "p")
+    res = prune_stage.prune_run(cfg, "snip", 0, tmp_path / "p")
     assert made == ["prune_loader" if choice == "random" else "prune_batches"]
     assert list(res.masks["tag"]) == ["sp50_00", "sp90_00"]
 
 
 def test_named_sets_use_the_authors_prune_set():
-    assert config.parse_params(config.compose("quick")).prune.prune_set == "balanced"
-    assert config.parse_params(config.compose("micro")).prune.prune_set == "balanced"
+    assert parse_params(config.compose("quick")).prune.prune_set == "balanced"
+    assert parse_params(config.compose("micro")).prune.prune_set == "balanced"
     paper = ["cifar10_resnet20", "cifar100_vgg16", "tiny_imagenet_resnet18", "imagenet_resnet18",
              "imagenet_resnet50", "spectrum_resnet20", "ablation_T", "ablation_epsilon", "ablation_R",
              "ablation_noise_vs_data", "ablation_fixed_weights"]
     for name in paper:
-        assert config.parse_params(config.compose(name)).prune.prune_set == "random", name
+        assert parse_params(config.compose(name)).prune.prune_set == "random", name
 
 
 def test_prune_with_the_random_set_depends_on_seed_alone_not_on_the_callers_rng():

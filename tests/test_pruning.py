@@ -210,7 +210,10 @@ def test_paper_models_prune_to_exact_density():
 
 # -- bad input ---------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(method="lottery"), r"method='lottery' is unknown; allowed: \['grasp'"),
+    (dict(method="lottery"), r"method='lottery' is not allowed.*; allowed: one of 'grasp'"),
+    (dict(method="snp"), r"method='snp' is not allowed \(did you mean 'snip'\?\); allowed: one of 'grasp'"),
+    (dict(epsilon=float("inf")), r"epsilon=inf is not allowed; allowed: a finite number > 0"),
+    (dict(num_samples=0), r"num_samples=0 is not allowed; allowed: an integer >= 1 or None"),
     (dict(sparsity=1.0), r"sparsity=1.0 .* \[0, 1\)"),
     (dict(sparsity=-0.1), r"sparsity=-0.1"),
     (dict(sparsity=float("nan")), r"sparsity=nan"),
@@ -219,15 +222,15 @@ def test_paper_models_prune_to_exact_density():
     (dict(rounds=0), r"rounds=0"),
     (dict(epsilon=0.0), r"epsilon=0.0"),
     (dict(batch_size=0), r"batch_size=0"),
-    (dict(scope="layer"), r"scope='layer' is unknown; allowed: \['global', 'local'\]"),
-    (dict(schedule="cosine"), r"schedule='cosine' is unknown"),
+    (dict(scope="layer"), r"scope='layer' is not allowed.*; allowed: one of 'global', 'local'"),
+    (dict(schedule="cosine"), r"schedule='cosine' is not allowed.*; allowed: one of 'exponential', 'linear'"),
     (dict(method="snip", data=None), r"data=None is not allowed for method='snip'"),
     (dict(method="grasp", data=[]), r"data is empty"),
     (dict(input_shape=None), r"input_shape=None is not allowed"),
     (dict(input_shape=(2, 0, 6)), r"input_shape=\(2, 0, 6\)"),
     (dict(input_shape=(3, 6, 6)), r"input_shape=\(3, 6, 6\) does not fit the model"),
     (dict(callback=3), r"callback=3 is not callable"),
-    (dict(device="gpu7"), r"device='gpu7'"),
+    (dict(device="gpu7"), r"device='gpu7' is not allowed; allowed: None .*'cpu', 'cuda'"),
     (dict(exclude=["*"]), r"nothing prunable"),
 ])
 def test_bad_input_names_argument_value_and_allowed(kwargs, match):

@@ -4,7 +4,8 @@ whose results land in the same tables (``dvc exp show``) and plots
 
 Cost: one slow test (``pytest -k queue``). In a temporary git + DVC copy of the
 repository it queues two ``micro`` experiments with one command (a sweep over
-``train.lr``, NTK snapshots off), runs them with two queue workers at once, then
+``train.lr``, NTK snapshots off), runs them with two queue workers at once (one
+data folder for both, ``NTKSAP_DATA_ROOT`` in the workers' environment), then
 compares and applies them: 2.5 to 3.5 minutes on 2 busy CPU cores.
 """
 
@@ -87,8 +88,7 @@ def test_queue_runs_a_sweep_in_parallel_into_the_same_tables_and_plots(tmp_path)
     try:
         # one command queues the whole sweep (DVC's Hydra sweep syntax); nothing runs yet
         out = _dvc(repo, "exp", "run", "--queue", "-S", "experiment=micro",
-                   "-S", "train.lr=" + ",".join(map(str, LRS)), "-S", "prune.track.mode=none",
-                   "-S", f"data.root={shared}")
+                   "-S", "train.lr=" + ",".join(map(str, LRS)), "-S", "prune.track.mode=none")
         names = re.findall(r"Queued experiment '([^']+)' for future execution", out)
         assert len(names) == len(LRS) == len(set(names)), out
         for lr in LRS:
@@ -97,8 +97,10 @@ def test_queue_runs_a_sweep_in_parallel_into_the_same_tables_and_plots(tmp_path)
         assert {n: _statuses(repo)[n] for n in names} == {n: "Queued" for n in names}, status
         assert "Worker status: 0 active" in status and not (repo / "results").exists()
 
-        # two workers: the two experiments run at the same time, each in its own copy of the repository
-        started = _dvc(repo, "queue", "start", "--jobs", "2", extra_env={"NTKSAP_QUEUE_MARK": mark})
+        # two workers: the two experiments run at the same time, each in its own copy of the repository;
+        # the data folder is machine configuration, not a parameter: the jobs inherit it from `dvc queue start`
+        started = _dvc(repo, "queue", "start", "--jobs", "2",
+                       extra_env={"NTKSAP_QUEUE_MARK": mark, "NTKSAP_DATA_ROOT": str(shared)})
         assert "Started '2' new experiments task queue workers" in started, started
         exps_tmp = repo / ".dvc" / "tmp" / "exps"
         seen_env, max_parallel = {}, 0
@@ -123,7 +125,7 @@ def test_queue_runs_a_sweep_in_parallel_into_the_same_tables_and_plots(tmp_path)
         assert max_parallel == 2, f"the two experiments never ran at the same time ({max_parallel})"
         # the jobs' processes inherit the environment of `dvc queue start` (how CUDA_VISIBLE_DEVICES reaches them)
         assert seen_env and set(seen_env.values()) == {mark}, seen_env
-        assert (shared / "digits").is_dir() and not (repo / "data").exists()  # data.root was shared
+        assert (shared / "digits").is_dir() and not (repo / "data").exists()  # NTKSAP_DATA_ROOT was shared
         assert not (repo / "results").exists()  # the results are in the experiments, not yet in the workspace
 
         # the table: one row per experiment, with its parameters and metrics
@@ -137,7 +139,7 @@ def test_queue_runs_a_sweep_in_parallel_into_the_same_tables_and_plots(tmp_path)
             data = row["revs"][0]["data"]
             params = data["params"]["params.yaml"]["data"]
             assert params["experiment"] == "micro" and params["prune"]["track"]["mode"] == "none"
-            assert params["data"]["root"] == str(shared)
+            assert "data" not in params  # where the data lives is not an experiment parameter
             lr_of[name] = params["train"]["lr"]
             m = data["metrics"][METRICS]["data"]  # {final|best: {run: {tag: accuracy}}}
             assert set(m) == {"final", "best"}, m
@@ -153,13 +155,13 @@ def test_queue_runs_a_sweep_in_parallel_into_the_same_tables_and_plots(tmp_path)
         diff = json.loads(_dvc(repo, "plots", "diff", a, b, "--json", "-o", str(tmp_path / "plots"),
                                stdout_only=True))
         for run in RUNS:
-            values = diff["data"][f"results/micro/plots/accuracy/{run}.csv"][0]["content"]["data"]["values"]
+            values = diff["data"][f"results/micro/series/accuracy/{run}.csv"][0]["content"]["data"]["values"]
             assert {v["rev"] for v in values} == {a, b}, values
             for v in values:
                 tag = "sp" + f"{100 * float(v['sparsity']):05.2f}".replace(".", "_")
                 assert v["accuracy"] == "final"  # plot.accuracy's default
                 assert float(v["test_top1"]) == pytest.approx(metrics[v["rev"]]["final"][run][tag], abs=1e-3), v
-            curves = diff["data"][f"results/micro/plots/curves/{run}.csv"][0]["content"]["data"]["values"]
+            curves = diff["data"][f"results/micro/series/curves/{run}.csv"][0]["content"]["data"]["values"]
             assert {v["rev"] for v in curves} == {a, b}, curves
 
         # keep one: `dvc exp apply` brings its params.yaml and results into the workspace, `dvc exp branch` a branch
@@ -167,8 +169,14 @@ def test_queue_runs_a_sweep_in_parallel_into_the_same_tables_and_plots(tmp_path)
         params = yaml.safe_load((repo / "params.yaml").read_text())
         assert params["experiment"] == "micro" and params["train"]["lr"] == lr_of[a]
         assert json.loads((repo / METRICS).read_text()) == metrics[a]
-        assert (repo / "results/micro/plots/accuracy/ntksap.csv").is_file()
-        assert json.loads(_dvc(repo, "status", "--json", stdout_only=True)) == {}  # results match the parameters
+        assert (repo / "results/micro/series/accuracy/ntksap.csv").is_file()
+        # the prepared data is this machine's (cache: false, not in git): `dvc repro` prepares it again, the same
+        # bytes, and nothing else runs; then the results match the parameters
+        waiting = json.loads(_dvc(repo, "status", "--json", stdout_only=True))
+        assert waiting["prepare"] == [{"changed outs": {"data/prepared/digits.pt": "deleted"}}], waiting
+        again = _dvc(repo, "repro")
+        assert dvcrepo.ran(again) == {"prepare"}, again
+        assert json.loads(_dvc(repo, "status", "--json", stdout_only=True)) == {}
         _dvc(repo, "exp", "branch", b, "lr-b")
         kept = subprocess.run(["git", "show", "lr-b:params.yaml"], cwd=repo, capture_output=True, text=True,
                               check=True).stdout

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from ntksap import config, pipeline
-from ntksap.config import ParamsError
+from ntksap import config, layout, params, results
+from ntksap.figures import accuracy as accuracy_figures
+from ntksap.params import ParamsError
 
 matplotlib.use("Agg")
 
@@ -37,7 +38,7 @@ def _best(run, s):
 
 
 def _cfg(*overrides):
-    return config.parse_params(config.compose("micro", ["seeds=[0,1]", *overrides]))
+    return params.parse_params(config.compose("micro", ["seeds=[0,1]", *overrides]))
 
 
 @pytest.fixture
@@ -56,12 +57,12 @@ def fake(tmp_path, monkeypatch):
                 hist += [{"sparsity": s, "epoch": e + 1, "test_top1": a, "test_top5": b} for e, (a, b)
                          in enumerate(zip(top1, top5))]
                 best = top1.index(max(top1))
-                row = {"sparsity": s, "tag": pipeline.sparsity_tag(s), "density": 1 - s, "test_top1": top1[-1],
+                row = {"sparsity": s, "tag": layout.sparsity_tag(s), "density": 1 - s, "test_top1": top1[-1],
                        "test_top5": top5[-1], "epochs": len(top1)}
                 if run != "magnitude":
                     row.update(best_test_top1=top1[best], best_test_top5=top5[best], best_epoch=best + 1)
                 rows.append(row)
-            out = pipeline.train_dir(cfg, run, seed)
+            out = layout.train_dir(cfg, run, seed)
             out.mkdir(parents=True)
             pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
             pd.DataFrame(hist).to_csv(out / "history.csv", index=False)
@@ -70,14 +71,14 @@ def fake(tmp_path, monkeypatch):
 
 def test_collected_results_and_summary_hold_the_final_and_the_best_accuracy(fake):
     cfg = _cfg()
-    results = pipeline.collect_results(cfg)
-    for row in results.itertuples():
+    collected = results.collect_results(cfg)
+    for row in collected.itertuples():
         top1 = HISTORIES[row.run, row.seed, row.sparsity]
         assert row.test_top1 == top1[-1] and row.best_test_top1 == max(top1)
         assert row.best_epoch == top1.index(max(top1)) + 1  # filled from the history for magnitude
         assert row.best_test_top5 == min(100.0, max(top1) + 10)  # top-5 of the best top-1 epoch
-    assert results["best_epoch"].dtype.kind == "i"
-    final, best = pipeline.summarise(results), pipeline.summarise(results, "best")
+    assert collected["best_epoch"].dtype.kind == "i"
+    final, best = results.summarise(collected), results.summarise(collected, "best")
     for run in cfg.runs:
         for s in cfg.sparsities:
             f = final[(final["run"] == run) & (final["sparsity"] == s)].iloc[0]
@@ -99,35 +100,35 @@ def test_plot_accuracy_best_switches_table_metrics_series_and_figure_captions(fa
     for which in ("final", "best"):
         cfg = _cfg(f"plot.accuracy={which}")
         assert cfg.plot.accuracy == which
-        summary = pipeline.summarise(pipeline.collect_results(cfg), cfg.plot.accuracy)
-        table = pipeline.accuracy_table(summary)
+        summary = results.summarise(results.collect_results(cfg), cfg.plot.accuracy)
+        table = results.accuracy_table(summary)
         tables[which] = table
-        caption = pipeline.accuracy_caption(which)
+        caption = results.accuracy_caption(which)
         assert caption == {"final": "final test top-1 (%)", "best": "best test top-1 over epochs (%)"}[which]
-        assert caption in pipeline.to_markdown(table).splitlines()[0]  # the header says which
+        assert caption in results.to_markdown(table).splitlines()[0]  # the header says which
         values = _final if which == "final" else _best
         for run in cfg.runs:
             for s in cfg.sparsities:
                 v = values(run, s)
                 mean, std = sum(v) / 2, pd.Series(v).std()
-                assert table.loc[cfg.label(run), pipeline.sparsity_label(s)] == f"{mean:.2f} ± {std:.2f}"
+                assert table.loc[cfg.label(run), layout.sparsity_label(s)] == f"{mean:.2f} ± {std:.2f}"
         # metrics.json: both accuracies, whatever the choice
-        metrics = pipeline.write_metrics(summary, fake / f"metrics_{which}.json")
+        metrics = results.write_metrics(summary, fake / f"metrics_{which}.json")
         assert json.loads((fake / f"metrics_{which}.json").read_text()) == metrics
         assert set(metrics) == {"final", "best"}
         for run in cfg.runs:
             for s in cfg.sparsities:
-                tag = pipeline.sparsity_tag(s)
+                tag = layout.sparsity_tag(s)
                 assert metrics["final"][run][tag] == pytest.approx(sum(_final(run, s)) / 2)
                 assert metrics["best"][run][tag] == pytest.approx(sum(_best(run, s)) / 2)
         # the dvc plots series: the chosen accuracy under dvc.yaml's column, and which it is
-        pipeline.write_dvc_series(summary, pipeline.collect_histories(cfg), out / which)
+        results.write_dvc_series(summary, results.collect_histories(cfg), out / which)
         series = pd.read_csv(out / which / "accuracy" / "ntksap.csv")
         assert list(series["test_top1"]) == pytest.approx([sum(values("ntksap", s)) / 2 for s in cfg.sparsities])
         assert set(series["accuracy"]) == {which}
         # the figure names it in its title and y label
         fig, ax = plt.subplots()
-        pipeline.plot_accuracy(summary, ax=ax, title="micro")
+        accuracy_figures.plot_accuracy(summary, ax=ax, title="micro")
         assert ax.get_title() == f"micro: {caption}" and ax.get_ylabel() == caption
         plt.close(fig)
     assert not tables["final"].equals(tables["best"])
@@ -138,14 +139,14 @@ def test_learning_curves_say_what_final_and_best_are(fake):
 
     cfg = _cfg()
     fig, ax = plt.subplots()
-    pipeline.plot_curves(pipeline.collect_histories(cfg), 0.9, ax=ax)
+    accuracy_figures.plot_curves(results.collect_histories(cfg), 0.9, ax=ax)
     assert "test top-1 (%) per epoch" in ax.get_title() and "final" in ax.get_title() and "best" in ax.get_title()
     plt.close(fig)
 
 
 def test_a_bad_plot_accuracy_is_refused_naming_the_key(tmp_path, capsys):
     with pytest.raises(ParamsError) as exc:
-        config.parse_params(config.compose("micro", ["plot.accuracy=top"]))
+        params.parse_params(config.compose("micro", ["plot.accuracy=top"]))
     msg = str(exc.value)
     for piece in ("plot.accuracy='top'", "allowed", "final", "best"):
         assert piece in msg, f"{piece!r} not in {msg!r}"
@@ -156,7 +157,7 @@ def test_a_bad_plot_accuracy_is_refused_naming_the_key(tmp_path, capsys):
     assert config.main(["check", str(bad)]) == 2
     assert "plot.accuracy='top'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="plot.accuracy='top'"):
-        pipeline.summarise(pd.DataFrame(columns=["run", "label", "method", "sparsity", "test_top1"]), "top")
+        results.summarise(pd.DataFrame(columns=["run", "label", "method", "sparsity", "test_top1"]), "top")
 
 
 def test_training_records_the_best_epoch_and_its_top5(tmp_path, one_thread):
@@ -168,7 +169,7 @@ def test_training_records_the_best_epoch_and_its_top5(tmp_path, one_thread):
 
     bundle = data.get_dataset("digits", root=tmp_path / "data")
     torch.manual_seed(0)
-    history = train.train(build_model("digits_cnn", 10), None, bundle, train.protocol("digits", epochs=3),
+    history = train.train(build_model("digits_cnn", 10), None, bundle, params.protocol("digits", epochs=3),
                           tmp_path / "run", progress=False)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     best = history.loc[history["test_top1"].idxmax()]

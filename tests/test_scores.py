@@ -169,3 +169,34 @@ def test_ntksap_gradient_is_derivative_of_squared_output_difference():
             mm[n].view(-1)[j] -= h
             fd = (objective(mp) - objective(mm)) / (2 * h)
             assert g[n].view(-1)[j].item() == pytest.approx(fd, rel=1e-4, abs=1e-12)
+
+
+class TwoNames(nn.Module):
+    """One Linear registered under two names (``a`` and ``b``), called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = self.a
+        self.bn = nn.BatchNorm1d(5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.b(self.bn(torch.relu(self.a(x))))))
+
+
+@pytest.mark.parametrize("method", ["iterative_snip", "grasp", "ntksap", "synflow"])
+def test_scoring_leaves_a_module_under_two_names_as_it_was(method):
+    """Every score function runs the network through ntksap.functional.call, which
+    swaps each parameter slot once: the model keeps its own parameter objects and
+    values (functional_call's tie_weights=True used to leave a scored copy behind)."""
+    torch.manual_seed(0)
+    model = TwoNames()
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(2)]
+    ntksap.prune(model, method, 0.5, input_shape=(5,), data=data, iterations=3, rounds=1, num_samples=8,
+                 batch_size=4, apply=False, progress=False)
+    assert model.b is model.a
+    for n, p in model.named_parameters():
+        assert p is before[n][0] and torch.equal(p.detach(), before[n][1]), n

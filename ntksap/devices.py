@@ -1,0 +1,40 @@
+"""Device resolution: a ``device=`` argument as a ``torch.device`` this machine has.
+
+Every function of the package that takes ``device=`` resolves it here, so
+``None`` means the same everywhere (CUDA when available) and a device the
+machine lacks fails at once, naming ``device``."""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import not_allowed
+
+ALLOWED = "None (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:<index>' or a torch.device"
+
+
+def resolve_device(device=None) -> torch.device:
+    """``device`` as a ``torch.device``: ``None`` picks CUDA when available, else
+    the CPU; a string (``"cpu"``, ``"cuda"``, ``"cuda:1"``), a CUDA index or a
+    ``torch.device`` is taken as it is. ``ValueError`` naming ``device`` for
+    anything else, and for a CUDA (or MPS) device this machine does not have."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, bool):
+        raise not_allowed("device", device, ALLOWED)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise not_allowed("device", device, ALLOWED, ("cpu", "cuda")) from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} is not allowed here: CUDA is not available on this machine; "
+                             "allowed: None or 'cpu'")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device={device!r} is not allowed here: this machine has {count} CUDA device(s); "
+                             f"allowed: 'cuda:0' to 'cuda:{count - 1}', 'cuda', 'cpu' or None")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} is not allowed here: MPS is not available on this machine; "
+                         "allowed: None or 'cpu'")
+    return resolved

@@ -1,0 +1,147 @@
+"""The masked functional forward shared by the score functions and the NTK.
+
+A model's tensors, the masked parameters, BatchNorm batch statistics and a
+call of the model on given tensors, written once for :mod:`ntksap.scores` and
+:mod:`ntksap.ntk`.
+
+The user's model is never changed: the network runs through
+``torch.func.functional_call`` on copies of its tensors (:func:`model_tensors`,
+:func:`masked_params`, :func:`call`); modes, BatchNorm momenta and hooks are
+set only inside :func:`borrowed` (or :func:`scoring_mode`) and restored on exit::
+
+    params, buffers = model_tensors(model)
+    stats = bn_batch_statistics(model, masked_params(params, masks), buffers, x)
+    with scoring_mode(model, "eval"):
+        out = call(model, masked_params(params, masks), stats, x)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def to_format(t: Tensor, channels_last: bool) -> Tensor:
+    """``t`` in channels-last memory layout when ``channels_last`` and it is 4-D, else ``t``."""
+    return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+
+def model_tensors(model: nn.Module, device=None, dtype=None, channels_last: bool = False) -> tuple[dict, dict]:
+    """Detached copies of the model's parameters and buffers: (params, buffers),
+    each name -> tensor (a tied weight once, under its ``named_parameters`` name),
+    on ``device`` (None: where each one is), floating tensors in ``dtype`` (None:
+    their own), 4-D ones channels-last when ``channels_last``."""
+    def conv(t: Tensor) -> Tensor:
+        t = t.detach().to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else None, copy=True)
+        return to_format(t, channels_last)
+
+    return ({n: conv(p) for n, p in model.named_parameters()},
+            {n: conv(b) for n, b in model.named_buffers()})
+
+
+def masked_params(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``params`` with every masked weight replaced by ``weight * mask``."""
+    out = dict(params)
+    for n, m in masks.items():
+        out[n] = params[n] * m
+    return out
+
+
+def call(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor):
+    """``model(x)`` with the given tensors (keyed by ``named_parameters`` /
+    ``named_buffers`` names; any left out keep the model's own) via
+    ``functional_call``. Every attribute slot that holds a parameter or buffer is
+    passed exactly once: weights tied between modules are replaced in each
+    module, and a module registered under two names is swapped (and restored)
+    once, which ``tie_weights=True`` gets wrong. A name the model does not have
+    is a ``KeyError``."""
+    canonical = {id(t): n for n, t in model.named_parameters()}
+    canonical.update({id(t): n for n, t in model.named_buffers()})
+    tensors = {**params, **buffers}
+    unknown = set(tensors) - set(canonical.values())
+    if unknown:
+        raise KeyError(f"call: the model has no parameter or buffer {sorted(unknown)}")
+    slots, seen = {}, set()
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for attr, t in (*mod._parameters.items(), *mod._buffers.items()):
+            if t is None or (id(mod), attr) in seen or canonical.get(id(t)) not in tensors:
+                continue
+            seen.add((id(mod), attr))
+            slots[f"{mname}.{attr}" if mname else attr] = tensors[canonical[id(t)]]
+    return functional_call(model, slots, (x,), tie_weights=False)
+
+
+# -- modes ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def borrowed(model: nn.Module):
+    """Lets a call set modes, BatchNorm momenta/tracking and hooks on ``model``:
+    yields a list for hook handles; on exit (also on error) the hooks are
+    removed and every module's ``training`` flag, and each BatchNorm's
+    ``momentum`` and ``track_running_stats``, are as they were."""
+    saved = [(m, m.training, getattr(m, "momentum", None), getattr(m, "track_running_stats", None))
+             for m in model.modules()]
+    handles: list = []
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training, momentum, tracking in saved:
+            m.training = training
+            if isinstance(m, _BatchNorm):
+                m.momentum, m.track_running_stats = momentum, tracking
+
+
+def set_modes(model: nn.Module, bn: str = "eval", update_running_stats: bool = True) -> None:
+    """Every module in eval mode (dropout off) except BatchNorm for ``bn="train"``:
+    train mode (batch statistics), which updates the running-statistic buffers it
+    is given unless ``update_running_stats=False``. Call inside :func:`borrowed`."""
+    for m in model.modules():
+        batchnorm = bn == "train" and isinstance(m, _BatchNorm)
+        m.training = batchnorm
+        if batchnorm and not update_running_stats:
+            m.track_running_stats = False
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module, bn_mode: str = "eval"):
+    """Run ``model`` as a method scores: every module in eval mode (dropout off,
+    so scores depend on the seed alone) except BatchNorm layers, which are in
+    train mode (batch statistics) for ``bn_mode="train"``. Restores every
+    module's mode afterwards (:func:`borrowed`), whatever it was."""
+    with borrowed(model):
+        set_modes(model, "train" if bn_mode == "train" else "eval")
+        yield model
+
+
+# -- BatchNorm batch statistics ----------------------------------------------------------
+@torch.no_grad()
+def bn_batch_statistics(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
+                        x: Tensor) -> dict[str, Tensor]:
+    """Buffers whose BatchNorm running statistics are the batch statistics of the
+    network ``params`` on ``x`` (per channel: mean and *unbiased* variance), set
+    by one no-grad pass with only the BatchNorm layers in train mode, momentum 1,
+    on fresh copies (PAPER.md section 2). Other buffers, and BatchNorm layers
+    without running-statistic buffers, are as given; ``buffers`` itself and the
+    model (modes, momenta) are unchanged."""
+    fresh = dict(buffers)
+    bns = []
+    for name, mod in model.named_modules():
+        pre = f"{name}." if name else ""
+        if isinstance(mod, _BatchNorm) and pre + "running_mean" in buffers:
+            bns.append(mod)
+            fresh[pre + "running_mean"] = torch.zeros_like(buffers[pre + "running_mean"])
+            fresh[pre + "running_var"] = torch.ones_like(buffers[pre + "running_var"])
+            if pre + "num_batches_tracked" in buffers:
+                fresh[pre + "num_batches_tracked"] = torch.zeros_like(buffers[pre + "num_batches_tracked"])
+    with borrowed(model):
+        set_modes(model, "train")
+        for mod in bns:
+            mod.momentum, mod.track_running_stats = 1.0, True
+        call(model, params, fresh, x)
+    return fresh

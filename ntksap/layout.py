@@ -1,0 +1,159 @@
+"""Where every result of the pipeline lives: the paths of ``results/<experiment>/`` and the sparsity tags.
+
+``dvc.yaml`` writes the same paths (``tests/test_pipeline.py`` checks that they agree)::
+
+    params.ok                               the check stage passed (constant text)
+    prune/<run>-<seed>/                     init.pt (the original init), masks/<tag>.pt, masks.csv, density.csv,
+                                            track.csv, track_spectra.csv, scores.csv: deterministic files only,
+                                            what train, spectrum and plot read
+    train/<run>-<seed>/                     <tag>/ (model.pt, history.csv, metrics.json), results.csv, history.csv
+    spectrum/                               eigenvalues.csv, summary.csv, ntk_spectrum.png/pdf
+    plots/                                  accuracy.csv, table.md/csv, figures (png, pdf)
+    series/accuracy/<run>.csv               `dvc plots` data (committed to git)
+    series/curves/<run>.csv
+    metrics.json                            `dvc metrics show` (committed to git)
+    notebooks/prune/<run>-<seed>.ipynb      the executed notebooks; nothing downstream reads them
+    notebooks/train/<run>-<seed>.ipynb
+    notebooks/spectrum.ipynb, notebooks/plot.ipynb
+    timings/prune/<run>-<seed>.csv          sparsity, tag, seconds: everything that measures time, which
+    timings/train/<run>-<seed>.csv          nothing downstream reads (sparsity, epoch, epoch_time)
+    checkpoints/<run>-<seed>/<tag>-<key>/   where training runs and resumes; not a DVC output, safe to delete
+
+The prepared datasets (the prepare stage's output) are ``data/prepared/<dataset>.pt``.
+``<tag>`` names a sparsity: 0.981986 -> ``sp98_20`` (percent, two decimals).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checks import check_choice
+
+if TYPE_CHECKING:
+    from .params import Params
+
+RESULTS = "results"
+PREPARED = Path("data") / "prepared"
+RUN_STAGES = ("prune", "train")               # one stage per run and seed
+NOTEBOOK_STAGES = (*RUN_STAGES, "spectrum", "plot")
+
+
+# -- the repository -------------------------------------------------------------------------------
+def find_root(start: str | os.PathLike | None = None) -> Path:
+    """The repository root: the nearest folder at or above ``start`` (default:
+    the working directory) holding ``dvc.yaml``."""
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    raise FileNotFoundError(f"no dvc.yaml at or above '{here}': run from inside the ntksap repository")
+
+
+def chdir_root() -> Path:
+    """``cd`` to the repository root (a notebook opened from any folder then
+    finds params.yaml and results/ by their pipeline paths)."""
+    root = find_root()
+    os.chdir(root)
+    return root
+
+
+# -- sparsity tags ----------------------------------------------------------------------------------
+def sparsity_tag(sparsity: float) -> str:
+    """File-name tag of a sparsity in percent: 0.981986 -> ``sp98_20``."""
+    return "sp" + f"{100 * sparsity:05.2f}".replace(".", "_")
+
+
+def sparsity_label(sparsity: float) -> str:
+    """Axis label of a sparsity in percent, as the paper writes it: ``98.20``."""
+    return f"{100 * sparsity:.2f}"
+
+
+def mask_file(tag: str) -> str:
+    """The masks of sparsity ``tag`` inside a prune folder: ``masks/<tag>.pt``
+    (the ``path`` column of ``masks.csv``)."""
+    return f"masks/{tag}.pt"
+
+
+# -- results/<experiment>/ --------------------------------------------------------------------------
+def results_dir(cfg: Params) -> Path:
+    """``results/<experiment>``: everything the experiment's stages write."""
+    return Path(RESULTS) / cfg.experiment
+
+
+def run_name(run: str, seed: int) -> str:
+    """The name of one run and seed in the layout: ``<run>-<seed>``."""
+    return f"{run}-{seed}"
+
+
+def params_ok_path(cfg: Params) -> Path:
+    """The check stage's stamp: ``params.ok``."""
+    return results_dir(cfg) / "params.ok"
+
+
+def prune_dir(cfg: Params, run: str, seed: int) -> Path:
+    """The prune stage's output for one run and seed: ``prune/<run>-<seed>``."""
+    return results_dir(cfg) / "prune" / run_name(run, seed)
+
+
+def train_dir(cfg: Params, run: str, seed: int) -> Path:
+    """The train stage's output for one run and seed: ``train/<run>-<seed>``."""
+    return results_dir(cfg) / "train" / run_name(run, seed)
+
+
+def spectrum_dir(cfg: Params) -> Path:
+    """The spectrum stage's output: ``spectrum``."""
+    return results_dir(cfg) / "spectrum"
+
+
+def plots_dir(cfg: Params) -> Path:
+    """The plot stage's figures and tables: ``plots``."""
+    return results_dir(cfg) / "plots"
+
+
+def series_dir(cfg: Params) -> Path:
+    """The plot stage's ``dvc plots`` series: ``series`` (``accuracy/<run>.csv``, ``curves/<run>.csv``)."""
+    return results_dir(cfg) / "series"
+
+
+def metrics_path(cfg: Params) -> Path:
+    """The plot stage's ``dvc metrics``: ``metrics.json``."""
+    return results_dir(cfg) / "metrics.json"
+
+
+def checkpoints_dir(cfg: Params, run: str, seed: int) -> Path:
+    """Where the train stage keeps its resumable runs, outside DVC's outputs
+    (DVC deletes a stage's outputs before running it again): ``checkpoints/<run>-<seed>``."""
+    return results_dir(cfg) / "checkpoints" / run_name(run, seed)
+
+
+def _run_stage(function: str, stage: str, run: str | None, seed: int | None) -> str:
+    """``<run>-<seed>`` of a per-run stage; refuses a run and seed for the others."""
+    if stage in RUN_STAGES:
+        if run is None or seed is None:
+            raise ValueError(f"{function}({stage!r}, ...) needs run and seed (one notebook per run and seed)")
+        return run_name(run, seed)
+    if run is not None or seed is not None:
+        raise ValueError(f"{function}({stage!r}, ...) takes no run or seed: the {stage} stage covers every run")
+    return stage
+
+
+def notebook_path(stage: str, cfg: Params, run: str | None = None, seed: int | None = None) -> Path:
+    """The executed notebook of a stage: ``notebooks/prune/<run>-<seed>.ipynb``,
+    ``notebooks/train/<run>-<seed>.ipynb``, ``notebooks/spectrum.ipynb``, ``notebooks/plot.ipynb``."""
+    check_choice("stage", stage, NOTEBOOK_STAGES)
+    name = _run_stage("notebook_path", stage, run, seed)
+    folder = results_dir(cfg) / "notebooks"
+    return (folder / stage if stage in RUN_STAGES else folder) / f"{name}.ipynb"
+
+
+def timings_path(stage: str, cfg: Params, run: str, seed: int) -> Path:
+    """What a prune or train stage measured in seconds: ``timings/<stage>/<run>-<seed>.csv``."""
+    check_choice("stage", stage, RUN_STAGES)
+    return results_dir(cfg) / "timings" / stage / f"{_run_stage('timings_path', stage, run, seed)}.csv"
+
+
+def prepared_path(dataset: str) -> Path:
+    """The prepare stage's decoded dataset: ``data/prepared/<dataset>.pt``."""
+    return PREPARED / f"{dataset}.pt"

@@ -1,0 +1,232 @@
+"""The train stage: every pruned network of one run and seed trained from its original init.
+
+Training runs (and resumes) in ``checkpoints/<run>-<seed>/<tag>-<key>/``; the finished run's weights,
+metrics and history (without timings) are published to ``train/<run>-<seed>/``, the seconds per epoch to
+``timings/train/<run>-<seed>.csv``. ``train.processes > 1`` trains under ``torchrun`` with
+DistributedDataParallel (:mod:`ntksap.distributed`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from .. import layout
+from ..experiment import load_dataset, new_model
+from ..files import atomic_write_text
+
+if TYPE_CHECKING:
+    from ..params import Params, Train
+
+TRAINER_MODULES = ("ntksap.train", "ntksap.distributed")
+"""The modules a training run executes (with what they import): their source is part of the resume key."""
+TIMING_COLUMNS = ("epoch_time",)
+"""Columns of the trainer's ``history.csv`` that measure time: they go to the timings file, not the results."""
+
+
+def resume_key(fingerprint: dict, processes: int) -> str:
+    """16 hex digits naming one training run: a hash of the trainer's
+    fingerprint (``ntksap.train.fingerprint``: config, seed, dataset, masks,
+    initial weights), the number of processes and the source of the code that
+    trains (:data:`TRAINER_MODULES` and the modules they import,
+    ``ntksap.code_deps.source_digest``). A changed parameter or a changed line
+    of training code gives a new key, so a stale checkpoint is never resumed,
+    republished or overwritten."""
+    import hashlib
+
+    from ..code_deps import source_digest
+
+    text = json.dumps({"fingerprint": fingerprint, "processes": int(processes),
+                       "code": source_digest(list(TRAINER_MODULES))}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resolve_processes(processes: int | str, device=None) -> int:
+    """``train.processes`` as a number for this machine (``auto``: one per
+    visible GPU, 1 on a CPU); refuses a count that cannot run here, before
+    any work."""
+    import torch
+
+    from ..devices import resolve_device
+
+    device = resolve_device(device)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if processes == "auto":
+        return max(gpus, 1)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"train.processes={processes!r} is not allowed; use an integer >= 1 or 'auto'")
+    if processes > 1 and device.type == "cuda" and processes > gpus:
+        raise ValueError(f"train.processes={processes} is not allowed here: DistributedDataParallel runs one "
+                         f"process per GPU and this machine has {gpus}; use at most that many, or 'auto'")
+    return processes
+
+
+def _published_columns() -> list[str]:
+    """The columns of a published ``history.csv``: the trainer's, less :data:`TIMING_COLUMNS`."""
+    from ..train import HISTORY_COLUMNS
+
+    return [c for c in HISTORY_COLUMNS if c not in TIMING_COLUMNS]
+
+
+def _evaluate_at_init(model, masks, bundle, tc: Train, seed: int, out_dir: Path, device=None) -> None:
+    """``train.epochs: 0``: evaluate the masked network at its init; writes
+    ``metrics.json`` and an empty ``history.csv`` into ``out_dir``."""
+    from ..data import DeviceLoader
+    from ..devices import resolve_device
+    from ..masks import apply_masks
+    from ..train import evaluate
+
+    device = resolve_device(device)
+    model.to(device)
+    apply_masks(model, masks, hooks=False)
+    ev = evaluate(model, DeviceLoader(bundle, "test", tc.eval_batch_size, augment=False, seed=seed, device=device,
+                                      num_workers=tc.num_workers))
+    metrics = {"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"],
+               "best_test_top1": ev["top1"], "best_test_top5": ev["top5"], "best_epoch": 0,  # best = final: no epochs
+               "epochs": 0, "density": masks.density, "sparsity": masks.sparsity}
+    atomic_write_text(json.dumps(metrics, indent=1) + "\n", out_dir / "metrics.json")
+    atomic_write_text(pd.DataFrame(columns=_published_columns()).to_csv(index=False), out_dir / "history.csv")
+
+
+def torchrun_command(cfg: Params, processes: int, masks: Path, init: Path, train_json: Path, seed: int,
+                     out_dir: Path, device=None) -> list[str]:
+    """The ``torchrun`` command line (``python -m torch.distributed.run``) that
+    trains one pruned network with ``processes`` DDP processes on this machine;
+    the dataset is found where this machine keeps it (:mod:`ntksap.locations`)."""
+    import sys
+
+    from ..locations import dataset_location
+
+    where = dataset_location(cfg.dataset)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "ntksap.distributed", "--masks", str(masks), "--init", str(init), "--model", cfg.model,
+           "--dataset", cfg.dataset, "--train-config", str(train_json), "--seed", str(seed),
+           "--out-dir", str(out_dir), "--data-root", str(where["root"]), "--no-progress"]
+    if where.get("local_path"):
+        cmd += ["--local-path", str(where["local_path"])]
+    if not where.get("download", True):
+        cmd.append("--no-download")
+    if device is not None:
+        cmd += ["--device", str(device).split(":")[0]]
+    return cmd
+
+
+def _train_distributed(cfg: Params, processes: int, masks: Path, init: Path, tc: Train, seed: int, out_dir: Path,
+                       device=None) -> None:
+    """Train one pruned network with ``torchrun`` and ``processes`` DDP
+    processes into ``out_dir`` (``ntksap.distributed``); its output is printed
+    (so it lands in the executed notebook); a failure raises with its tail."""
+    import subprocess
+    import sys
+
+    import ntksap
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(tc.model_dump(mode="json"), indent=1) + "\n", out_dir / "train_config.json")
+    env = dict(os.environ)
+    package_root = str(Path(ntksap.__file__).resolve().parents[1])   # the same ntksap in every process
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    cmd = torchrun_command(cfg, processes, masks, init, out_dir / "train_config.json", seed, out_dir, device)
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = proc.stdout[-6000:]
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed training ({processes} processes) failed with exit code {proc.returncode}; "
+                           f"its checkpoint in '{out_dir}' is kept for a resume. Output:\n{tail}")
+    sys.stdout.write(tail)
+
+
+def _without_timings(csv_text: str) -> str:
+    """A CSV text without its :data:`TIMING_COLUMNS`, every other cell exactly
+    as written (no float is parsed and printed again)."""
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(csv_text)))
+    keep = [i for i, name in enumerate(rows[0]) if name not in TIMING_COLUMNS] if rows else []
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([row[i] for i in keep] for row in rows)
+    return out.getvalue()
+
+
+def _publish(src: Path, dst: Path) -> pd.DataFrame:
+    """Publish the finished run in its resume folder ``src`` to the stage
+    output ``dst`` (each file atomically): ``history.csv`` without
+    :data:`TIMING_COLUMNS`, ``metrics.json`` and ``model.pt`` as they are.
+    Returns the timings (epoch and :data:`TIMING_COLUMNS`)."""
+    from ..files import atomic_copy
+
+    history = (src / "history.csv").read_text()
+    atomic_write_text(_without_timings(history), dst / "history.csv")
+    for name in ("metrics.json", "model.pt"):
+        atomic_copy(src / name, dst / name)
+    return pd.read_csv(src / "history.csv", usecols=["epoch", *TIMING_COLUMNS])
+
+
+def train_run(cfg: Params, run: str, seed: int, prune_dir: str | os.PathLike, out_dir: str | os.PathLike,
+              device=None, progress: bool = False, checkpoints: str | os.PathLike | None = None,
+              timings: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train every pruned network of one run and seed from its original init.
+
+    Reads ``prune_dir`` (``init.pt``, ``masks.csv``, ``masks/``), trains with
+    the experiment's protocol (``cfg.train``) and writes ``out_dir/<tag>/``
+    (``history.csv``, ``metrics.json``, ``model.pt``), ``results.csv`` (one row
+    per sparsity, the final metrics) and ``history.csv`` (per epoch and
+    sparsity); the seconds per epoch go to ``timings`` (default
+    :func:`ntksap.layout.timings_path`: sparsity, epoch, epoch_time), not into
+    the histories. With ``train.epochs: 0`` the networks are only evaluated at
+    init. Returns (results, history).
+
+    Training happens in ``checkpoints/<tag>-<key>/`` (default
+    :func:`ntksap.layout.checkpoints_dir`; ``key``: :func:`resume_key`), where
+    the trainer writes its checkpoint after every epoch: a run stopped by
+    anything, ``dvc repro`` included, resumes there from its last epoch, and a
+    finished one is not trained again. ``train.processes > 1`` trains each
+    network with DistributedDataParallel under ``torchrun`` (:mod:`ntksap.distributed`).
+    """
+    import torch
+
+    from ..masks import Masks
+    from ..train import fingerprint, train
+
+    src, out = Path(prune_dir), Path(out_dir)
+    tc = cfg.train
+    processes = resolve_processes(tc.processes, device)
+    resume_root = Path(checkpoints) if checkpoints is not None else layout.checkpoints_dir(cfg, run, seed)
+    timings = Path(timings) if timings is not None else layout.timings_path("train", cfg, run, seed)
+    bundle = load_dataset(cfg)
+    init = torch.load(src / "init.pt", map_location="cpu", weights_only=True)
+    manifest = pd.read_csv(src / "masks.csv")
+    results, histories, times = [], [], []
+    for row in manifest.itertuples():
+        model = new_model(cfg, bundle.num_classes, seed)
+        model.load_state_dict(init)
+        masks = Masks.load(src / row.path)
+        if tc.epochs == 0:
+            _evaluate_at_init(model, masks, bundle, tc, seed, out / row.tag, device)
+        else:
+            work = resume_root / f"{row.tag}-{resume_key(fingerprint(model, masks, bundle, tc, seed), processes)}"
+            if processes > 1:
+                _train_distributed(cfg, processes, src / row.path, src / "init.pt", tc, seed, work, device)
+            else:
+                train(model, masks, bundle, tc, work, seed=seed, device=device, progress=progress)
+            epoch_times = _publish(work, out / row.tag)
+            epoch_times.insert(0, "sparsity", row.sparsity)
+            times.append(epoch_times)
+        metrics = json.loads((out / row.tag / "metrics.json").read_text())
+        results.append({"sparsity": row.sparsity, "tag": row.tag, "density": row.density,
+                        **{k: v for k, v in metrics.items() if k not in ("density", "sparsity")}})
+        hist = pd.read_csv(out / row.tag / "history.csv") if tc.epochs else pd.DataFrame(columns=_published_columns())
+        hist.insert(0, "sparsity", row.sparsity)
+        histories.append(hist)
+    res, hist = pd.DataFrame(results), pd.concat(histories, ignore_index=True)
+    spent = pd.concat(times, ignore_index=True) if times else pd.DataFrame(columns=["sparsity", "epoch",
+                                                                                   *TIMING_COLUMNS])
+    atomic_write_text(spent.to_csv(index=False), timings)
+    atomic_write_text(hist.to_csv(index=False), out / "history.csv")
+    atomic_write_text(res.to_csv(index=False), out / "results.csv")
+    return res, hist
