@@ -41,13 +41,23 @@ NOTEBOOK_STAGES = (*RUN_STAGES, "spectrum", "plot")
 
 
 # -- the repository -------------------------------------------------------------------------------
+def nearest(name: str, start: str | os.PathLike | None = None) -> Path | None:
+    """The file ``name`` in ``start`` (default: the working directory) or the
+    nearest folder above it, or None."""
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 def find_root(start: str | os.PathLike | None = None) -> Path:
     """The repository root: the nearest folder at or above ``start`` (default:
     the working directory) holding ``dvc.yaml``."""
     here = Path(start or os.getcwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").is_file():
-            return folder
+    found = nearest("dvc.yaml", here)
+    if found is not None:
+        return found.parent
     raise FileNotFoundError(f"no dvc.yaml at or above '{here}': run from inside the ntksap repository")
 
 

@@ -46,11 +46,9 @@ _DOWNLOAD_VALUES = {"1": True, "0": False}
 
 def local_file(start: str | os.PathLike | None = None) -> Path | None:
     """The nearest ``ntksap.local.yaml`` at or above ``start`` (default: the working directory)."""
-    here = Path(start or os.getcwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / LOCAL_FILE).is_file():
-            return folder / LOCAL_FILE
-    return None
+    from .layout import nearest
+
+    return nearest(LOCAL_FILE, start)
 
 
 def _unknown_key(path: Path, where: str, key: str, allowed) -> ValueError:

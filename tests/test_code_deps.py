@@ -201,3 +201,21 @@ def test_what_an_import_loads_is_inside_the_static_closure(module):
               "print(sorted(m for m in sys.modules if m == 'ntksap' or m.startswith('ntksap.')))")
     loaded = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert set(eval(loaded.stdout)) <= code_deps.module_closure({module}, ROOT)
+
+
+def test_source_digest_does_not_depend_on_where_the_checkout_is(tmp_path):
+    """The resume key hashes the trainer's source: two checkouts of the same code in different
+    folders give the same digest (a machine's path is not part of it), an edit changes it."""
+    import shutil
+
+    from ntksap.code_deps import ROOT, source_digest
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("a", "deep/b"):
+        shutil.copytree(ROOT / "ntksap", tmp_path / name / "ntksap", ignore=ignore)
+    modules = ["ntksap.train", "ntksap.distributed"]
+    here = source_digest(modules)
+    assert source_digest(modules, tmp_path / "a") == source_digest(modules, tmp_path / "deep/b") == here
+    with open(tmp_path / "a" / "ntksap" / "augment.py", "a") as f:
+        f.write("# an edit\n")
+    assert source_digest(modules, tmp_path / "a") != here

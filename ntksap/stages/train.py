@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from .. import layout
+from ..checks import not_allowed
 from ..experiment import load_dataset, new_model
 from ..files import atomic_write_text
 
@@ -28,20 +29,22 @@ TIMING_COLUMNS = ("epoch_time",)
 """Columns of the trainer's ``history.csv`` that measure time: they go to the timings file, not the results."""
 
 
-def resume_key(fingerprint: dict, processes: int) -> str:
+def resume_key(fingerprint: dict, processes: int, code: str | None = None) -> str:
     """16 hex digits naming one training run: a hash of the trainer's
     fingerprint (``ntksap.train.fingerprint``: config, seed, dataset, masks,
     initial weights), the number of processes and the source of the code that
     trains (:data:`TRAINER_MODULES` and the modules they import,
     ``ntksap.code_deps.source_digest``). A changed parameter or a changed line
     of training code gives a new key, so a stale checkpoint is never resumed,
-    republished or overwritten."""
+    republished or overwritten. ``code``: that digest, when the caller has it
+    already (:func:`train_run` reads the sources once for all sparsities)."""
     import hashlib
 
     from ..code_deps import source_digest
 
-    text = json.dumps({"fingerprint": fingerprint, "processes": int(processes),
-                       "code": source_digest(list(TRAINER_MODULES))}, sort_keys=True, default=str)
+    code = code if code is not None else source_digest(list(TRAINER_MODULES))
+    text = json.dumps({"fingerprint": fingerprint, "processes": int(processes), "code": code},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -58,7 +61,7 @@ def resolve_processes(processes: int | str, device=None) -> int:
     if processes == "auto":
         return max(gpus, 1)
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise ValueError(f"train.processes={processes!r} is not allowed; use an integer >= 1 or 'auto'")
+        raise not_allowed("train.processes", processes, "an integer >= 1 or 'auto'")
     if processes > 1 and device.type == "cuda" and processes > gpus:
         raise ValueError(f"train.processes={processes} is not allowed here: DistributedDataParallel runs one "
                          f"process per GPU and this machine has {gpus}; use at most that many, or 'auto'")
@@ -190,6 +193,7 @@ def train_run(cfg: Params, run: str, seed: int, prune_dir: str | os.PathLike, ou
     """
     import torch
 
+    from ..code_deps import source_digest
     from ..masks import Masks
     from ..train import fingerprint, train
 
@@ -201,6 +205,7 @@ def train_run(cfg: Params, run: str, seed: int, prune_dir: str | os.PathLike, ou
     bundle = load_dataset(cfg)
     init = torch.load(src / "init.pt", map_location="cpu", weights_only=True)
     manifest = pd.read_csv(src / "masks.csv")
+    code = source_digest(list(TRAINER_MODULES)) if tc.epochs else None
     results, histories, times = [], [], []
     for row in manifest.itertuples():
         model = new_model(cfg, bundle.num_classes, seed)
@@ -209,7 +214,7 @@ def train_run(cfg: Params, run: str, seed: int, prune_dir: str | os.PathLike, ou
         if tc.epochs == 0:
             _evaluate_at_init(model, masks, bundle, tc, seed, out / row.tag, device)
         else:
-            work = resume_root / f"{row.tag}-{resume_key(fingerprint(model, masks, bundle, tc, seed), processes)}"
+            work = resume_root / f"{row.tag}-{resume_key(fingerprint(model, masks, bundle, tc, seed), processes, code)}"
             if processes > 1:
                 _train_distributed(cfg, processes, src / row.path, src / "init.pt", tc, seed, work, device)
             else:
