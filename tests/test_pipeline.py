@@ -394,6 +394,52 @@ def test_train_spectrum_and_plot_outputs(repo, reproduced):
     assert (repo / "dvc_plots" / "index.html").is_file()
 
 
+def _section_outputs(notebook: Path, heading: str) -> tuple[int, str]:
+    """Image outputs and markdown text that the code cells under the markdown
+    cell starting with ``heading`` show, up to the next markdown cell."""
+    cells = json.loads(notebook.read_text())["cells"]
+    start = next(i for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+                 and "".join(c["source"]).startswith(heading))
+    images, text = 0, ""
+    for c in cells[start + 1:]:
+        if c["cell_type"] == "markdown":
+            break
+        for o in c.get("outputs", []):
+            data = o.get("data", {})
+            images += "image/png" in data
+            text += "".join(data.get("text/markdown", ""))
+    return images, text
+
+
+@pytest.mark.slow
+def test_executed_notebooks_show_every_recorded_spectrum_and_no_empty_panel(repo, reproduced, tmp_path):
+    cfg = params.load_params(repo / "params.yaml")
+    assert cfg.prune.track.mode == "spectrum"
+    prune_nb = repo / layout.notebook_path("prune", cfg, "ntksap", 0)
+    images, text = _section_outputs(prune_nb, "## NTK while pruning")
+    assert images == 3 and "trace estimate" not in text  # spectra, relative to dense, trace/condition/distance
+    plot_nb = repo / layout.notebook_path("plot", cfg)
+    assert _section_outputs(plot_nb, "## NTK while pruning, by method")[0] == 4  # spectra, relative, bars, trace
+    assert _section_outputs(plot_nb, "## Figure 2 beside Figure 1")[0] == 1
+    assert _section_outputs(repo / layout.notebook_path("spectrum", cfg), "## Distance to the dense spectrum")[0] == 1
+    plots = repo / layout.plots_dir(cfg)
+    for fig in ("overview", "prune_spectra", "prune_spectra_relative", "prune_distance"):
+        assert (plots / f"{fig}.png").stat().st_size > 0
+    distance = pd.read_csv(plots / "prune_distance.csv")
+    assert len(distance) == len(MICRO_RUNS) * len(cfg.sparsities) and (distance["log_distance"] > 0).all()
+    # a trace-only set: the trace is drawn, a sentence says why nothing else is (in a scratch experiment folder)
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    data["experiment"], data["prune"]["track"]["mode"] = "micro_trace", "trace"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    out_nb = tmp_path / "prune.ipynb"
+    dvcrepo.run(repo, "papermill", "notebooks/prune.ipynb", str(out_nb), "-k", "ntksap", "--log-level", "WARNING",
+                "-p", "params_file", str(tmp_path / "params.yaml"), "-p", "run", "ntksap", "-p", "out_dir",
+                str(tmp_path / "prune"))
+    images, text = _section_outputs(out_nb, "## NTK while pruning")
+    assert images == 1 and "Only a trace estimate was recorded" in text
+    assert pd.read_csv(tmp_path / "prune" / "track.csv")["condition"].isna().all()  # what is not drawn
+
+
 def _changed(repo: Path) -> set[str]:
     return set(json.loads(dvcrepo.run(repo, "dvc", "status", "--json").stdout))
 

@@ -35,6 +35,7 @@ def spectrum_run(cfg: Params, out_dir: str | os.PathLike, device=None) -> tuple[
     from .. import ntk
     from ..devices import resolve_device
     from ..masks import Masks
+    from ..spectra import log_distance
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,10 +58,8 @@ def spectrum_run(cfg: Params, out_dir: str | os.PathLike, device=None) -> tuple[
         spectra[label] = np.sort(spec["eigenvalues"].double().cpu().numpy())[::-1].copy()  # descending
         summary.append({"run": run, "label": label, "trace": float(spec["trace"]), "max": float(spec["max"]),
                         "min": float(spec["min"]), "condition": float(spec["condition"])})
-    dense = np.clip(spectra[DENSE_LABEL], 1e-30, None)
     for row in summary:
-        row["log_distance"] = float(np.mean(np.abs(np.log10(np.clip(spectra[row["label"]], 1e-30, None))
-                                                   - np.log10(dense))))
+        row["log_distance"] = log_distance(spectra[row["label"]], spectra[DENSE_LABEL])
     frame = ntk.spectra_frame(spectra)
     summ = pd.DataFrame(summary)
     atomic_write_text(frame.to_csv(index=False), out / "eigenvalues.csv")
