@@ -193,14 +193,19 @@ def write_dvc_series(summary: pd.DataFrame, histories: pd.DataFrame, out_dir: st
     test_top1, std, accuracy: the summary's accuracy, ``final`` or ``best``,
     under the column name dvc.yaml plots, and which one it is) and
     ``curves/<run>.csv`` (epoch, test_top1 at the highest sparsity, mean over
-    seeds)."""
+    seeds; a run trained for 0 epochs has the one point of its evaluation at
+    init, epoch 0). Both folders get one file per run of the summary."""
     out = Path(out_dir)
+    trained = set(histories["run"]) if "run" in histories else set()
     for run, g in summary.groupby("run", sort=False):
         f = g[["sparsity", "mean", "std"]].rename(columns={"mean": "test_top1"}).assign(accuracy=accuracy_of(g))
         atomic_write_text(f.to_csv(index=False), out / "accuracy" / f"{run}.csv")
-    for run, g in histories.groupby("run", sort=False):
-        g = g[(g["sparsity"] - g["sparsity"].max()).abs() < 1e-12]
-        c = g.groupby("epoch")["test_top1"].mean().reset_index()
+        if run in trained:
+            h = histories[histories["run"] == run]
+            h = h[(h["sparsity"] - h["sparsity"].max()).abs() < 1e-12]
+            c = h.groupby("epoch")["test_top1"].mean().reset_index()
+        else:  # train.epochs = 0: the evaluation at init
+            c = pd.DataFrame({"epoch": [0], "test_top1": [float(g.loc[g["sparsity"].idxmax(), "mean"])]})
         atomic_write_text(c.to_csv(index=False), out / "curves" / f"{run}.csv")
 
 

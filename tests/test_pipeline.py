@@ -96,6 +96,24 @@ def test_each_stage_and_figure_module_imports_only_what_it_uses():
         assert not others, f"importing {name} imports {sorted(others)}"
 
 
+def test_committed_notebooks_are_clean_sources_for_the_pipelines_kernel():
+    """No outputs, a papermill parameters cell, unique cell ids, and the kernel
+    papermill runs them with (`-k` in dvc.yaml), so JupyterLab opens an executed
+    copy on the same kernel."""
+    import re
+
+    kernels = set(re.findall(r"-k (\S+)", (ROOT / "dvc.yaml").read_text()))
+    assert kernels == {"ntksap"}
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        assert nb["metadata"]["kernelspec"]["name"] == "ntksap", path
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert all(c["outputs"] == [] and c["execution_count"] is None for c in code), f"{path} has outputs"
+        assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1, path
+        ids = [c.get("id") for c in nb["cells"]]
+        assert None not in ids and len(set(ids)) == len(ids), f"{path}: cell ids missing or repeated"
+
+
 def test_paths_in_dvc_yaml_match_the_helpers():
     """Every stage of dvc.yaml writes where ntksap.layout (and so the notebooks) reads."""
     from dvc.repo import Repo
@@ -460,12 +478,12 @@ def test_changing_one_parameter_reruns_only_what_it_affects(repo, reproduced):
         more["runs"]["ntksap"]["iterations"] = 3
         config.write_params(more, repo / "params.yaml")
         assert _changed(repo) == {"check", "prune@ntksap-0", "spectrum", "plot"}
-        # the Figure 2 probe size: only the spectrum stage (and the check) run again
+        # the Figure 2 probe size: the spectrum stage and the plot that shows it beside Figure 1 (and the check)
         more = copy.deepcopy(values)
         more["spectrum"]["num_inputs"] = 5
         config.write_params(more, repo / "params.yaml")
         out = dvcrepo.run(repo, "dvc", "repro")
-        assert dvcrepo.ran(out.stdout) == {"check", "spectrum"}, out.stdout
+        assert dvcrepo.ran(out.stdout) == {"check", "spectrum", "plot"}, out.stdout
         assert "Stage 'prune@ntksap-0' didn't change, skipping" in out.stdout
         eig = pd.read_csv(repo / "results/micro/spectrum/eigenvalues.csv")
         assert (eig.groupby("label").size() == 5 * 10).all()

@@ -176,3 +176,18 @@ def test_training_records_the_best_epoch_and_its_top5(tmp_path, one_thread):
     assert m["best_test_top1"] == pytest.approx(best["test_top1"]) == pytest.approx(history["test_top1"].max())
     assert m["best_test_top5"] == pytest.approx(best["test_top5"]) and m["best_epoch"] == int(best["epoch"])
     assert m["test_top1"] == pytest.approx(history["test_top1"].iloc[-1]) and m["epochs"] == 3
+
+
+def test_dvc_series_of_an_untrained_experiment_have_one_file_per_run(fake, tmp_path):
+    """train.epochs = 0 (Figure 2's set): no history, yet every run gets its
+    accuracy series and a one-point curve, its evaluation at init (DVC needs
+    both output folders)."""
+    cfg = _cfg()
+    summary = results.summarise(results.collect_results(cfg), "final")
+    empty = results.collect_histories(cfg).iloc[0:0]
+    results.write_dvc_series(summary, empty, tmp_path)
+    for run in cfg.runs:
+        curve = pd.read_csv(tmp_path / "curves" / f"{run}.csv")
+        top = summary[(summary["run"] == run) & (summary["sparsity"] == summary["sparsity"].max())]
+        assert curve["epoch"].tolist() == [0] and curve["test_top1"].tolist() == pytest.approx(top["mean"].tolist())
+        assert (tmp_path / "accuracy" / f"{run}.csv").is_file()
