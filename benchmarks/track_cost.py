@@ -5,7 +5,8 @@ that makes per prune stage for each named set.
     python benchmarks/track_cost.py          # digits_cnn and ResNet-20: about a minute on 2 cores
     python benchmarks/track_cost.py --all    # also VGG-16-BN (100 classes) and ResNet-18 (200): ~10 minutes
 
-Random inputs of the dataset's shape on a network at its init (the cost does not depend on the values).
+Random inputs of the dataset's shape on a network at its init (the cost does not depend on the values),
+one torch thread as in the pipeline's notebooks (``--threads``); run it on an otherwise idle machine.
 Each figure is the median of ``--repeats`` snapshots after one warm-up. The second table counts the
 snapshots one prune stage (one run, every sparsity) takes for each named set (iteration 0, 1, every
 ``prune.track.every``-th and the last) and multiplies by the measured cost of that set's model, mode and
@@ -63,7 +64,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="also VGG-16-BN / CIFAR-100 and ResNet-18 / Tiny-ImageNet")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: what a pipeline notebook uses, ntksap.notebook.setup)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     cost = {}
