@@ -363,3 +363,25 @@ def test_list_and_section_keys_stay_plain_overrides_beside_the_groups():
                                             "train.epochs=3"])
     assert p["sparsities"] == [0.5, 0.737856]
     assert p["runs"]["ntksap"]["iterations"] == 5 and p["train"]["epochs"] == 3
+
+
+def test_the_short_figure1_set_is_the_paper_protocol_on_a_laptop_budget():
+    short = parse_params(compose("cifar10_resnet20_short"))
+    full = parse_params(compose("cifar10_resnet20"))
+    assert (short.dataset, short.model, short.seeds) == ("cifar10", "resnet20", [0])
+    assert {r.method for r in short.runs.values()} == {r.method for r in full.runs.values()} | {"dense"}
+    assert 3 <= len(short.sparsities) <= 4 and set(short.sparsities) <= set(full.sparsities)
+    assert {0.95602, 0.981986} <= set(short.sparsities)
+    assert short.runs["ntksap"] == full.runs["ntksap"] and short.prune == full.prune  # the paper's pruning
+    t, f = short.train, full.train
+    assert t.epochs < f.epochs
+    assert t.milestones == sorted({round(m * t.epochs / f.epochs) for m in f.milestones} - {t.epochs})  # scaled
+    assert t.model_dump(exclude={"epochs", "milestones"}) == f.model_dump(exclude={"epochs", "milestones"})
+
+
+def test_the_resnet20_sets_record_full_spectra_while_pruning_and_the_big_ones_a_trace():
+    for name, cfg in ((n, parse_params(compose(n))) for n in config.experiment_sets()):
+        if cfg.model == "resnet20":
+            assert cfg.prune.track.mode == "spectrum", name
+        elif cfg.model in ("vgg16_bn", "resnet18_tiny", "resnet18_imagenet_stem", "resnet18", "resnet50"):
+            assert cfg.prune.track.mode == "trace", name

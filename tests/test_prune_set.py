@@ -233,7 +233,7 @@ def test_named_sets_use_the_authors_prune_set():
     assert parse_params(config.compose("micro")).prune.prune_set == "balanced"
     paper = ["cifar10_resnet20", "cifar100_vgg16", "tiny_imagenet_resnet18", "imagenet_resnet18",
              "imagenet_resnet50", "spectrum_resnet20", "ablation_T", "ablation_epsilon", "ablation_R",
-             "ablation_noise_vs_data", "ablation_fixed_weights"]
+             "ablation_noise_vs_data", "ablation_fixed_weights", "cifar10_resnet20_short"]
     for name in paper:
         assert parse_params(config.compose(name)).prune.prune_set == "random", name
 
