@@ -30,12 +30,17 @@ def log_distance(eigenvalues, reference) -> float:
     return float(np.mean(np.abs(np.log10(np.clip(a, FLOOR, None)) - np.log10(np.clip(b, FLOOR, None)))))
 
 
-def _check_frame(name: str, frame, needed: Sequence[str]) -> None:
+def check_frame(name: str, frame, needed: Sequence[str], **named) -> None:
+    """``frame`` is a DataFrame holding the columns ``needed``, else a ValueError
+    naming ``name``, the missing columns and ``named`` (e.g. ``hue=...``), the
+    arguments that asked for them."""
     if not isinstance(frame, pd.DataFrame):
         raise ValueError(f"{name} must be a pandas DataFrame, got {type(frame).__name__}")
     missing = [c for c in needed if c not in frame.columns]
     if missing:
-        raise ValueError(f"{name} lacks column(s) {missing}; it has {list(frame.columns)}")
+        by = [f"{k}={v!r}" for k, v in named.items() if v in missing]
+        raise ValueError(f"{name} lacks column(s) {missing}; it has {list(frame.columns)}"
+                         + (f" ({', '.join(by)} must name one of them)" if by else ""))
 
 
 def relative_spectra(frame: pd.DataFrame, reference: pd.DataFrame, on: Sequence[str] = ()) -> pd.DataFrame:
@@ -44,8 +49,8 @@ def relative_spectra(frame: pd.DataFrame, reference: pd.DataFrame, on: Sequence[
     ``relative`` = eigenvalue / reference (1 = as the reference). ``reference``
     holds one spectrum per value of the ``on`` keys (``on=()``: one spectrum)."""
     on = list(on)
-    _check_frame("frame", frame, [*on, "index", "eigenvalue"])
-    _check_frame("reference", reference, [*on, "index", "eigenvalue"])
+    check_frame("frame", frame, [*on, "index", "eigenvalue"])
+    check_frame("reference", reference, [*on, "index", "eigenvalue"])
     ref = reference[[*on, "index", "eigenvalue"]].rename(columns={"eigenvalue": "reference"})
     if ref.duplicated([*on, "index"]).any():
         raise ValueError(f"reference holds more than one spectrum per {on or 'frame'}; allowed: one (pass the "
@@ -77,6 +82,6 @@ def final_snapshots(track_spectra: pd.DataFrame, by: Sequence[str] = ("sparsity"
     """The last recorded iteration of each pruning (per ``by`` group) in a
     prune stage's ``track_spectra.csv`` frame: the spectrum of the final masks."""
     by = list(by)
-    _check_frame("track_spectra", track_spectra, [*by, "iteration", "index", "eigenvalue"])
+    check_frame("track_spectra", track_spectra, [*by, "iteration", "index", "eigenvalue"])
     last = track_spectra.groupby(by, sort=False)["iteration"].transform("max")
     return track_spectra[track_spectra["iteration"] == last]

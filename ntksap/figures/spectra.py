@@ -6,18 +6,17 @@ from __future__ import annotations
 import pandas as pd
 
 from ..layout import sparsity_label
+from ..spectra import check_frame
 from .palette import COLORS
 
 
 def _check(frame, columns, **named) -> None:
-    """``frame`` is a DataFrame holding ``columns``; ``named`` (e.g. hue=...) are the arguments that named them."""
-    if not isinstance(frame, pd.DataFrame):
-        raise ValueError(f"frame must be a pandas DataFrame, got {type(frame).__name__}")
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        by = [f"{k}={v!r}" for k, v in named.items() if v in missing]
-        raise ValueError(f"frame lacks column(s) {missing}; it has {list(frame.columns)}"
-                         + (f" ({', '.join(by)} must name one of them)" if by else ""))
+    check_frame("frame", frame, columns, **named)
+
+
+def _stands_out(value) -> bool:
+    """NTK-SAP, drawn black in every figure (as in the Figure 1 panel)."""
+    return str(value) in ("ntksap", "NTK-SAP")
 
 
 def _is_dense(value) -> bool:
@@ -68,7 +67,7 @@ def _colors(values, hue: str) -> dict:
         cmap = plt.get_cmap("viridis")
         ordered = sorted(values, reverse=hue == "density")
         return {v: cmap(i / max(1, len(ordered) - 1)) for i, v in enumerate(ordered)}
-    return {v: "black" if str(v) in ("ntksap", "NTK-SAP") else COLORS[i % len(COLORS)] for i, v in enumerate(values)}
+    return {v: "black" if _stands_out(v) else COLORS[i % len(COLORS)] for i, v in enumerate(values)}
 
 
 def plot_spectrum_facets(frame: pd.DataFrame, col: str = "sparsity", hue: str = "iteration",
@@ -141,8 +140,7 @@ def plot_distances(distances: pd.DataFrame, x: str = "label", hue: str | None = 
     for i, h in enumerate(hues):
         part = distances if h is None else distances[distances[hue] == h]
         values = part.set_index(x)["log_distance"].reindex(groups).to_numpy()
-        colors = ([("black" if g in ("ntksap", "NTK-SAP") else COLORS[7]) for g in groups]  # NTK-SAP stands out
-                  if h is None else COLORS[i % len(COLORS)])
+        colors = ["black" if _stands_out(g) else COLORS[7] for g in groups] if h is None else COLORS[i % len(COLORS)]
         ax.bar(np.arange(len(groups)) + (i - (len(hues) - 1) / 2) * width, values, width, color=colors,
                label=None if h is None else _label(hue, h))
     ax.set_xticks(np.arange(len(groups)))
