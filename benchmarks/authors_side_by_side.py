@@ -6,7 +6,8 @@ their ``lottery_resnet.resnet20``, draws the prune set of
 ``../shared/reference/authors_layer_density.json`` (100 N(0, 1) inputs, labels
 uniform in 0..9), then runs their ``prune_loop`` with their pruner and
 ``ntksap.prune`` with ``count_rule="authors"``, ``channels_last=False`` (and
-float32 SynFlow), and prints, per iteration, the largest relative difference of
+float32 SynFlow; NTK-SAP with ``bn_mode="unperturbed_two_pass"``, their BatchNorm
+passes), and prints, per iteration, the largest relative difference of
 the (sum-normalised) scores and, at the end, how many mask entries differ::
 
     python benchmarks/authors_side_by_side.py --authors /path/to/NTK-SAP --method synflow --k 18
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
     their_masks = [m.clone() for m, _ in pruner.masked_parameters]
 
     our_scores = []
-    extra = dict(rounds=5, num_samples=100) if args.method == "ntksap" else {}
+    # NTK-SAP: their two BatchNorm passes (a statistics pass, then the scoring passes), not our one-pass default
+    extra = dict(rounds=5, num_samples=100, bn_mode="unperturbed_two_pass") if args.method == "ntksap" else {}
     masks = ntksap.prune(ours, args.method, 1 - 0.8 ** args.k, data=[(x, y)], input_shape=(3, 32, 32),
                          iterations=T, seed=args.seed, count_rule="authors", channels_last=False,
                          synflow_dtype="float32", apply=False, progress=False,

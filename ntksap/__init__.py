@@ -13,7 +13,8 @@ iterative loop and ``prune``), ``functional`` (the masked functional forward
 that scores and ntk share), ``models`` (the paper's networks), ``data``
 (datasets and device-side loaders), ``augment`` (training augmentation on
 tensors), ``protocol`` (the training protocol), ``train`` (the resumable
-trainer), ``distributed`` (DDP training via torchrun), ``ntk`` (NTK matrices,
+trainer), ``stacked`` (the K networks of one curve as one module, for
+training them at once), ``distributed`` (DDP training via torchrun), ``ntk`` (NTK matrices,
 spectra, traces); small helpers ``checks`` (argument checking), ``devices``,
 ``hashing`` (tensor digests), ``files`` (atomic writes), ``profiling``.
 The pipeline: ``params`` (+ ``schema``: the params.yaml models), ``config``

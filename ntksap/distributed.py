@@ -92,7 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ntksap.distributed",
                                 description="Train a saved mask with DistributedDataParallel "
                                             "(launch with: torchrun --nproc_per_node N -m ntksap.distributed ...).")
-    p.add_argument("--masks", required=True, help="mask file written by Masks.save")
+    p.add_argument("--masks", required=True, nargs="+",
+                   help="mask file(s) written by Masks.save; several train stacked (--stack), one folder each")
+    p.add_argument("--stack", default="lockstep", choices=["lockstep", "grouped"],
+                   help="how several networks train at once (ntksap.train.train_stacked)")
+    p.add_argument("--names", nargs="+", default=None,
+                   help="folder names of several networks under --out-dir (default: the mask files' stems)")
     p.add_argument("--model", required=True, help="model name (ntksap.MODELS)")
     p.add_argument("--dataset", required=True, help="dataset name (ntksap.data.DATASETS)")
     p.add_argument("--out-dir", required=True, help="run folder (checkpoints, history.csv, model.pt, metrics.json)")
@@ -156,25 +161,39 @@ def main(argv=None) -> dict:
             bundle = load()
         if args.train_subset or args.test_subset:
             bundle = data.subset(bundle, train=args.train_subset, test=args.test_subset, seed=args.seed)
-        torch.manual_seed(args.init_seed)
-        model = build_model(args.model, bundle.num_classes)
-        if args.init is not None:                            # every rank reads it; DDP also broadcasts rank 0's
-            model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
-        masks = broadcast_masks(Masks.load(args.masks) if rank == 0 else None)
+        models = []
+        for _ in args.masks:
+            torch.manual_seed(args.init_seed)
+            models.append(build_model(args.model, bundle.num_classes))
+            if args.init is not None:                        # every rank reads it; DDP also broadcasts rank 0's
+                models[-1].load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
+        masks = [broadcast_masks(Masks.load(path) if rank == 0 else None) for path in args.masks]
         over = json.loads(Path(args.train_config).read_text()) if args.train_config else {}
         over.update({k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size,
                                        "milestones": None if args.milestones is None else tuple(args.milestones)
                                        }.items() if v is not None})
         config = protocol(args.dataset, **over)
         hook = DDPHook(device, sync_bn=args.sync_bn)
-        train.train(model, masks, bundle, config, args.out_dir, seed=args.seed, device=device,
-                    progress=rank == 0 and not args.no_progress, distributed=hook)
+        show = rank == 0 and not args.no_progress
+        out = Path(args.out_dir)
+        if len(models) == 1:
+            train.train(models[0], masks[0], bundle, config, out, seed=args.seed, device=device, progress=show,
+                        distributed=hook)
+            folders = [out]
+        else:
+            names = args.names or [Path(m).stem for m in args.masks]
+            if len(names) != len(models):
+                raise ValueError(f"--names has {len(names)} entries for {len(models)} --masks; give one per mask")
+            train.train_stacked(models, masks, bundle, config, out, names=names, seed=args.seed, kind=args.stack,
+                                device=device, progress=show, distributed=hook)
+            folders = [out / n for n in names]
         dist.barrier()                                       # rank 0's files are complete
-        metrics = json.loads((Path(args.out_dir) / "metrics.json").read_text())
+        metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
         if rank == 0:
-            print(json.dumps({"world_size": hook.world_size, "masks_sha256": tensor_digest(masks), **metrics}),
-                  flush=True)
-        return metrics
+            for mk, m in zip(masks, metrics):
+                print(json.dumps({"world_size": hook.world_size, "masks_sha256": tensor_digest(mk), **m}),
+                      flush=True)
+        return metrics[0] if len(metrics) == 1 else metrics
     finally:
         dist.destroy_process_group()
 

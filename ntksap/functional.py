@@ -145,3 +145,56 @@ def bn_batch_statistics(model: nn.Module, params: Mapping[str, Tensor], buffers:
             mod.momentum, mod.track_running_stats = 1.0, True
         call(model, params, fresh, x)
     return fresh
+
+
+def _statistics_buffers(model: nn.Module, buffers: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list]:
+    """``buffers`` with each BatchNorm layer's running mean and variance replaced
+    by a fresh copy, and those layers (the ones that have the buffers)."""
+    fresh, bns = dict(buffers), []
+    for name, mod in model.named_modules():
+        pre = f"{name}." if name else ""
+        if isinstance(mod, _BatchNorm) and pre + "running_mean" in buffers:
+            bns.append(mod)
+            for key in ("running_mean", "running_var"):
+                fresh[pre + key] = buffers[pre + key].clone()
+    return fresh, bns
+
+
+@contextlib.contextmanager
+def statistics_of_next_call(model: nn.Module, buffers: Mapping[str, Tensor]):
+    """Yields ``(stats, calls)``: buffers for :func:`call` whose BatchNorm running
+    statistics the next call of ``model`` on them (in eval mode) sets, layer by
+    layer, to the batch statistics of that layer's own input (per channel: mean
+    and *unbiased* variance over all dimensions but 1, detached), just before
+    the layer normalises with them. Later calls normalise with them as they
+    are. ``calls``: how often each BatchNorm layer ran in that call (name ->
+    count; a layer run twice keeps its last input's statistics). ``buffers``
+    and the model are unchanged.
+
+    This folds :func:`bn_batch_statistics`' extra pass into the first forward:
+    upstream layers normalise with the unbiased variance here, with the biased
+    one in that pass's train mode, a relative difference of order 1/(inputs
+    per channel) in the statistics."""
+    fresh, bns = _statistics_buffers(model, buffers)
+    names = {id(mod): name for name, mod in model.named_modules()}
+    calls: dict[str, int] = {}
+    recording = [True]
+
+    def record(mod, args):
+        if not recording[0]:
+            return
+        x = args[0].detach()
+        dims = [d for d in range(x.dim()) if d != 1]
+        with torch.no_grad():
+            var, mean = torch.var_mean(x, dim=dims, correction=1)
+            mod.running_mean.copy_(mean)   # inside call(): the fresh copies above
+            mod.running_var.copy_(var)
+        calls[names[id(mod)]] = calls.get(names[id(mod)], 0) + 1
+
+    def stop(_mod, _args, _out):
+        recording[0] = False
+
+    with borrowed(model) as handles:
+        handles += [mod.register_forward_pre_hook(record) for mod in bns]
+        handles.append(model.register_forward_hook(stop))
+        yield fresh, calls

@@ -32,7 +32,7 @@ class Train(Section):
     say how fast it runs, not what it computes: they are not part of the
     checkpoint's fingerprint and may change between a run and its resume."""
 
-    EXECUTION_FIELDS: ClassVar[tuple[str, ...]] = ("channels_last", "amp", "compile", "num_workers",
+    EXECUTION_FIELDS: ClassVar[tuple[str, ...]] = ("stack", "channels_last", "amp", "compile", "num_workers",
                                                    "eval_batch_size")
 
     epochs: int = knob(..., "training epochs (paper: 160 CIFAR, 200 Tiny-ImageNet, 90 ImageNet; 0 = no training, "
@@ -53,9 +53,14 @@ class Train(Section):
     processes: Literal["auto"] | Annotated[int, Field(strict=True, ge=1)] = knob(
         1, "training processes: more than 1 launches DistributedDataParallel with torchrun, one per GPU (gloo on a "
         "CPU); auto = one per visible GPU (1 without); batch_size is the global batch")
+    stack: Literal["auto", "grouped", "lockstep", "off"] = knob(
+        "auto", "execution only, as the five below (not in a checkpoint's fingerprint): train the sparsities of "
+        "one run and seed at once (ntksap.train.train_stacked): grouped (one network, K-grouped convolutions: one "
+        "launch per layer instead of K, pays on a GPU; equal to one by one to float rounding), lockstep (the K in "
+        "turn on each batch, one data pipeline: bit-identical to one by one), off (one after another); auto = "
+        "grouped on CUDA, lockstep on a CPU, each where the K fit in memory, else off")
     channels_last: Annotated[bool | None, NullMeans("on")] = knob(
-        None, "execution only, as the four below (not in a checkpoint's fingerprint): channels-last memory "
-        "format; null = on", strict=True)
+        None, "execution only: channels-last memory format; null = on", strict=True)
     amp: Annotated[bool | None, NullMeans("on for CUDA with bf16 support, off on a CPU")] = knob(
         None, "execution only: bf16 autocast; null = on for CUDA with bf16 support, off on a CPU", strict=True)
     compile: bool = knob(False, "execution only: torch.compile the model (pays on long GPU runs; slow to compile on "

@@ -24,17 +24,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .functional import bn_batch_statistics, call, masked_params, model_tensors, scoring_mode, to_format
+from .functional import (bn_batch_statistics, call, masked_params, model_tensors, scoring_mode,
+                         statistics_of_next_call, to_format)
 
 Tensor = torch.Tensor
 Scores = dict[str, Tensor]
 
 
-BN_MODES = ("train", "eval", "unperturbed")
+BN_MODES = ("train", "eval", "unperturbed", "unperturbed_two_pass")
 """How BatchNorm normalises while a method scores (``Method.bn_mode``,
 ``prune(bn_mode=...)``): ``train`` with each forward pass's own batch statistics;
 ``eval`` with the model's running statistics; ``unperturbed`` (NTK-SAP only) with
-the unperturbed network's batch statistics, shared by both passes of eq. 10."""
+the unperturbed network's batch statistics, shared by both passes of eq. 10,
+taken in the unperturbed pass itself; ``unperturbed_two_pass`` the same
+statistics from a separate no-grad train-mode pass first, as the authors' code
+(their masks bit for bit; one forward more per mini-batch)."""
 
 GRASP_HESSIAN = ("auto", "autograd", "finite_difference")
 """How GraSP computes its Hessian-gradient product: ``autograd`` (double
@@ -283,27 +287,42 @@ def ntksap_batch_mask_grad(model: nn.Module, theta: Mapping[str, Tensor], buffer
 
     ``theta``: all parameters (re-drawn weights); ``delta``: the perturbation of
     each masked weight (std epsilon); ``z``: (B, C, H, W) noise. BatchNorm
-    (``bn_mode``): ``unperturbed`` (the paper) normalises both passes with the
-    unperturbed network's batch statistics on ``z`` (shared, no gradient, the
-    networks in eval mode); ``train`` gives each pass its own batch statistics;
-    ``eval`` uses ``buffers`` (running statistics) as they are.
-    Returns name -> gradient.
+    (``bn_mode``, :data:`BN_MODES`): ``unperturbed`` (the paper) normalises both
+    passes with the unperturbed network's batch statistics on ``z`` (no
+    gradient, the networks in eval mode), taken by each layer from its own
+    input during the unperturbed pass (:func:`~ntksap.functional.statistics_of_next_call`);
+    ``unperturbed_two_pass`` takes them in a separate no-grad train-mode pass
+    first (:func:`~ntksap.functional.bn_batch_statistics`), as the authors;
+    ``train`` gives each pass its own batch statistics; ``eval`` uses
+    ``buffers`` (running statistics) as they are. Returns name -> gradient.
     """
     m = _leaf_masks(masks, masks)
-    if bn_mode == "unperturbed":
-        stats, mode = bn_batch_statistics(model, masked_params(theta, masks), buffers, z), "eval"
-    else:
-        stats, mode = dict(buffers), bn_mode
     perturbed = dict(theta)
     for n, d in delta.items():
         perturbed[n] = theta[n] + d
-    def own(b):  # train mode updates the running statistics it is given: each pass gets a copy
-        return {k: v.clone() for k, v in b.items()} if mode == "train" else b
 
-    with scoring_mode(model, mode):
-        out_u = call(model, masked_params(theta, m), own(stats), z)
-        out_p = call(model, masked_params(perturbed, m), own(stats), z)
-        (out_u - out_p).pow(2).sum().backward()
+    def difference(stats: Mapping[str, Tensor], mode: str) -> Tensor:
+        def own(b):  # train mode updates the running statistics it is given: each pass gets a copy
+            return {k: v.clone() for k, v in b.items()} if mode == "train" else b
+
+        with scoring_mode(model, mode):
+            out_u = call(model, masked_params(theta, m), own(stats), z)
+            out_p = call(model, masked_params(perturbed, m), own(stats), z)
+        return (out_u - out_p).pow(2).sum()
+
+    if bn_mode == "unperturbed":
+        with scoring_mode(model, "eval"), statistics_of_next_call(model, buffers) as (stats, calls):
+            out_u = call(model, masked_params(theta, m), stats, z)
+            if all(c == 1 for c in calls.values()):
+                out_p = call(model, masked_params(perturbed, m), stats, z)
+                objective = (out_u - out_p).pow(2).sum()
+        if any(c != 1 for c in calls.values()):   # a BatchNorm layer run twice in one forward: the two-pass form
+            bn_mode = "unperturbed_two_pass"
+    if bn_mode == "unperturbed_two_pass":
+        objective = difference(bn_batch_statistics(model, masked_params(theta, masks), buffers, z), "eval")
+    elif bn_mode != "unperturbed":
+        objective = difference(dict(buffers), bn_mode)
+    objective.backward()
     return mask_grads(m, "ntksap")
 
 

@@ -25,11 +25,49 @@ def _set_masked_weights(net: nn.Module, values: dict[str, torch.Tensor]) -> None
             module.weight = values[key]
 
 
-def ntksap_batch_grad_reference(model, theta, masks, z, delta):
-    """d/dm sum ||f(z; theta*m) - f(z; (theta+delta)*m)||^2 with two deep copies,
-    following the authors' recipe: a no-grad train-mode pass with momentum 1 on
-    the unperturbed copy sets BN statistics, then both copies run in eval mode
-    sharing those statistics."""
+def _two_pass_statistics(net_u, z):
+    """The authors' recipe: a no-grad train-mode pass with momentum 1 sets each
+    BN layer's running statistics (mean, unbiased variance) on ``z``."""
+    for bn in _bns(net_u):
+        bn.reset_running_stats()
+        bn.momentum = 1.0
+    net_u.train()
+    with torch.no_grad():
+        net_u(z)
+    return [(bn.running_mean.clone(), bn.running_var.clone()) for bn in _bns(net_u)]
+
+
+def _one_pass_statistics(net_u, z):
+    """The fixed point "every BN layer normalises with the statistics (mean,
+    unbiased variance) of its own input" in eval mode, found by iterating: each
+    pass records every layer's input statistics and hands them to the next, so
+    after as many passes as there are layers every layer's are exact."""
+    bns = _bns(net_u)
+    seen = {}
+    hooks = [bn.register_forward_pre_hook(
+        lambda mod, args, i=i: seen.__setitem__(i, (args[0].detach().mean((0, 2, 3)),
+                                                   args[0].detach().var((0, 2, 3), unbiased=True))))
+        for i, bn in enumerate(bns)]
+    net_u.eval()
+    with torch.no_grad():
+        for _ in range(len(bns) + 1):
+            net_u(z)
+            for i, bn in enumerate(bns):
+                bn.running_mean, bn.running_var = seen[i][0].clone(), seen[i][1].clone()
+    for h in hooks:
+        h.remove()
+    return [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
+
+
+def _bns(net):
+    return [mod for mod in net.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
+
+
+def ntksap_batch_grad_reference(model, theta, masks, z, delta, statistics="two_pass"):
+    """d/dm sum ||f(z; theta*m) - f(z; (theta+delta)*m)||^2 with two deep copies
+    in eval mode sharing BN statistics of the unperturbed copy on ``z``:
+    ``statistics="two_pass"`` the authors' recipe (a train-mode statistics pass
+    first), ``"one_pass"`` each layer's own input statistics in the eval pass."""
     net_u = copy.deepcopy(model)
     net_p = copy.deepcopy(model)
     with torch.no_grad():
@@ -37,18 +75,11 @@ def ntksap_batch_grad_reference(model, theta, masks, z, delta):
             for n, p in net.named_parameters():
                 p.copy_(theta[n])
     m = {n: v.detach().clone().requires_grad_(True) for n, v in masks.items()}
-    # BN statistics of the unperturbed network
-    bns = [mod for mod in net_u.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = 1.0
-    net_u.train()
     _set_masked_weights(net_u, {n: theta[n] * masks[n] for n in masks})
-    with torch.no_grad():
-        net_u(z)
-    for bn_u, bn_p in zip(bns, [mod for mod in net_p.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]):
-        bn_p.running_mean = bn_u.running_mean.clone()
-        bn_p.running_var = bn_u.running_var.clone()
+    stats = (_two_pass_statistics if statistics == "two_pass" else _one_pass_statistics)(net_u, z)
+    for nets_bn in (_bns(net_u), _bns(net_p)):
+        for bn, (mean, var) in zip(nets_bn, stats):
+            bn.running_mean, bn.running_var = mean.clone(), var.clone()
     net_u.eval()
     net_p.eval()
     _set_masked_weights(net_u, {n: theta[n] * m[n] for n in masks})
@@ -59,7 +90,7 @@ def ntksap_batch_grad_reference(model, theta, masks, z, delta):
 
 
 def ntksap_reference(model, sparsity, input_shape, iterations, rounds, epsilon, num_samples, batch_size,
-                     seed, init_fn):
+                     seed, init_fn, statistics="two_pass"):
     """Whole NTK-SAP prune with deep copies, drawing random numbers in the
     documented order (weights with ``init_fn`` on a copy, noise, perturbations
     in mask order). Returns (masks, scores of each iteration)."""
@@ -80,7 +111,7 @@ def ntksap_reference(model, sparsity, input_shape, iterations, rounds, epsilon, 
                 theta = {n: p.detach().clone() for n, p in scratch.named_parameters()}
                 z = torch.randn((b, *input_shape))
                 delta = {n: epsilon * torch.randn(shapes[n]) for n in names}
-                g = ntksap_batch_grad_reference(model, theta, masks, z, delta)
+                g = ntksap_batch_grad_reference(model, theta, masks, z, delta, statistics)
                 for n in names:
                     acc[n] += g[n]
         scores = {n: acc[n].abs() * masks[n] for n in names}

@@ -107,7 +107,7 @@ def test_ddp_cli_trains_a_saved_mask_and_resumes(data_root, tmp_path):
         assert bool((state[n][m == 0] == 0).all()), n
         assert bool((state[n][m == 1] != 0).any()), n
     ckpt = train.load_checkpoint(out / "checkpoint.pt")
-    assert ckpt["epoch"] == 2 and ckpt["fingerprint"]["world_size"] == 2
+    assert ckpt["epoch"] == 2 and ckpt["members"][0]["fingerprint"]["world_size"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "history.csv", "metrics.json", "model.pt"]
     mtime = (out / "model.pt").stat().st_mtime_ns
     _torchrun(args)                                             # finished: nothing is retrained or rewritten
@@ -127,12 +127,15 @@ def test_ddp_cli_help_and_refuses_plain_launch(capsys, monkeypatch):
         distributed.main(["--masks", "m.pt", "--model", "digits_cnn", "--dataset", "digits", "--out-dir", "x"])
 
 
-def test_ddp_train_stage_launches_torchrun_when_train_processes_is_2(data_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stack", ["off", "lockstep", "grouped"])
+def test_ddp_train_stage_launches_torchrun_when_train_processes_is_2(data_root, tmp_path, monkeypatch, stack):
     """The pipeline's train stage (``ntksap.stages.train.train_run``) with
-    ``train.processes: 2`` trains every pruned net with 2 DDP processes: the
-    checkpoint says world size 2, pruned weights stay zero, the nets learn, the
-    stage output holds the results; a rerun trains nothing again; 1 process uses
-    another resume folder (its key differs)."""
+    ``train.processes: 2`` trains every pruned net with 2 DDP processes, one by
+    one (``train.stack: off``) or both at once (stacked): the checkpoint says
+    world size 2, pruned weights stay zero, the nets learn, the stage output
+    holds the results; a rerun trains nothing again; 1 process uses another
+    resume folder (its key differs). Stacked, the two nets equal the ones
+    trained one by one (lockstep: exactly; grouped: to float rounding)."""
     from ntksap import config
     from ntksap.params import parse_params
     from ntksap.stages import prune as prune_stage
@@ -141,27 +144,47 @@ def test_ddp_train_stage_launches_torchrun_when_train_processes_is_2(data_root, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("NTKSAP_DATA_ROOT", str(data_root))
-    params = config.compose("micro", ["train.epochs=2", "train.processes=2", "prune.track.mode=none"])
+    params = config.compose("micro", ["train.epochs=2", "train.processes=2", "prune.track.mode=none",
+                                      f"train.stack={stack}"])
     cfg = parse_params(params)
     prune_stage.prune_run(cfg, "magnitude", 0, tmp_path / "p")
     res, hist = train_stage.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t", checkpoints=tmp_path / "ck")
     assert res["tag"].tolist() == ["sp50_00", "sp90_00"] and len(hist) == 2 * 2
     assert (res["test_top1"] > 50).all()                      # 10 classes: chance is 10 %
     work = sorted((tmp_path / "ck").iterdir())
-    assert [p.name.split("-")[0] for p in work] == ["sp50_00", "sp90_00"]
-    for row, folder in zip(res.itertuples(), work):
-        ckpt = train.load_checkpoint(folder / "checkpoint.pt")
-        assert ckpt["fingerprint"]["world_size"] == 2 and ckpt["epoch"] == 2
+    if stack == "off":
+        assert [p.name.split("-")[0] for p in work] == ["sp50_00", "sp90_00"]
+        checkpoints, members = [f / "checkpoint.pt" for f in work], work
+    else:
+        assert [p.name.split("-")[0] for p in work] == [f"{stack}2"]
+        checkpoints, members = [work[0] / "checkpoint.pt"], [work[0] / "sp50_00", work[0] / "sp90_00"]
+    for path in checkpoints:
+        ckpt = train.load_checkpoint(path)
+        assert all(m["fingerprint"]["world_size"] == 2 for m in ckpt["members"]) and ckpt["epoch"] == 2
+    for row, folder in zip(res.itertuples(), members):
         masks = Masks.load(tmp_path / "p" / "masks" / f"{row.tag}.pt")
         state = torch.load(tmp_path / "t" / row.tag / "model.pt", weights_only=True)
         for n, m in masks.items():
             assert bool((state[n][m == 0] == 0).all()), n
         assert (tmp_path / "t" / row.tag / "metrics.json").read_bytes() == (folder / "metrics.json").read_bytes()
-    mtimes = [(f / "model.pt").stat().st_mtime_ns for f in work]
+    mtimes = [(f / "model.pt").stat().st_mtime_ns for f in members]
     again, _ = train_stage.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t2", checkpoints=tmp_path / "ck")
-    assert again.equals(res) and [(f / "model.pt").stat().st_mtime_ns for f in work] == mtimes
+    assert again.equals(res) and [(f / "model.pt").stat().st_mtime_ns for f in members] == mtimes
     run = train.fingerprint(torch.nn.Linear(1, 1), None, data.get_dataset("digits", root=data_root), cfg.train, 0)
     assert train_stage.resume_key(run, 1) != train_stage.resume_key(run, 2)
+    if stack != "off":   # the same two nets trained one by one under DDP
+        one = config.compose("micro", ["train.epochs=2", "train.processes=2", "prune.track.mode=none",
+                                       "train.stack=off"])
+        single, _ = train_stage.train_run(parse_params(one), "magnitude", 0, tmp_path / "p", tmp_path / "t1",
+                                          checkpoints=tmp_path / "ck1")
+        for tag in ("sp50_00", "sp90_00"):
+            a = torch.load(tmp_path / "t" / tag / "model.pt", weights_only=True)
+            b = torch.load(tmp_path / "t1" / tag / "model.pt", weights_only=True)
+            for k in b:
+                if stack == "lockstep":
+                    assert torch.equal(a[k], b[k]), k
+                else:
+                    torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
 def test_ddp_bad_process_count_is_refused_before_any_work():

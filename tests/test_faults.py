@@ -264,9 +264,9 @@ def test_corrupt_code_carrying_pickle_is_refused_for_masks_and_checkpoints(data_
     torch.save({**{n: m for n, m in masks.items()}, "evil": _Payload(marker)}, tmp_path / "mask.pt")
     run = tmp_path / "run"
     run.mkdir()
-    torch.save({"format": train.CHECKPOINT_FORMAT, "version": train.CHECKPOINT_VERSION, "epoch": 1,
-                "fingerprint": {}, "model": {}, "optimizer": _Payload(marker), "scheduler": {}, "rng": {},
-                "history": []}, run / "checkpoint.pt")
+    torch.save({"format": train.CHECKPOINT_FORMAT, "version": train.CHECKPOINT_VERSION, "epoch": 1, "kind": None,
+                "members": [{"fingerprint": {}, "model": {}, "history": []}], "optimizer": _Payload(marker),
+                "scheduler": {}, "rng": {}}, run / "checkpoint.pt")
     with pytest.raises(ValueError, match="cannot read masks"):
         Masks.load(tmp_path / "mask.pt")
     with pytest.raises(train.CheckpointError, match="corrupt or unreadable"):

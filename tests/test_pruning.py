@@ -142,17 +142,19 @@ def test_same_seed_bit_identical_masks(method):
         assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
+@pytest.mark.parametrize("bn_mode,statistics", [("unperturbed", "one_pass"), ("unperturbed_two_pass", "two_pass")])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_ntksap_end_to_end_matches_deep_copy_reference(channels_last):
+def test_ntksap_end_to_end_matches_deep_copy_reference(channels_last, bn_mode, statistics):
     torch.manual_seed(11)
     model = TinyConvBN()
     ref_model = copy.deepcopy(model)
     seen = []
     masks = ntksap.prune(model, "ntksap", 0.8, input_shape=SHAPE, iterations=3, rounds=2, epsilon=0.01,
                          num_samples=10, batch_size=4, seed=5, channels_last=channels_last, progress=False,
-                         callback=lambda t, m, s: seen.append(s))
+                         bn_mode=bn_mode, callback=lambda t, m, s: seen.append(s))
     ref_masks, ref_scores = ntksap_reference(ref_model, 0.8, SHAPE, iterations=3, rounds=2, epsilon=0.01,
-                                             num_samples=10, batch_size=4, seed=5, init_fn=kaiming_init)
+                                             num_samples=10, batch_size=4, seed=5, init_fn=kaiming_init,
+                                             statistics=statistics)
     for s, r in zip(seen, ref_scores):
         for n in r:
             torch.testing.assert_close(s[n], r[n], rtol=1e-5, atol=1e-5 * r[n].abs().max().item())

@@ -120,8 +120,9 @@ def test_magnitude_is_abs_theta(tiny_conv):
         assert torch.equal(s[n], p.detach().abs())
 
 
+@pytest.mark.parametrize("bn_mode,statistics", [("unperturbed", "one_pass"), ("unperturbed_two_pass", "two_pass")])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_ntksap_batch_gradient_matches_two_model_reference(channels_last):
+def test_ntksap_batch_gradient_matches_two_model_reference(channels_last, bn_mode, statistics):
     torch.manual_seed(0)
     model = TinyConvBN()
     scratch = copy.deepcopy(model)
@@ -134,8 +135,9 @@ def test_ntksap_batch_gradient_matches_two_model_reference(channels_last):
     fmt = (lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t) if channels_last \
         else (lambda t: t)
     got = ntksap_batch_mask_grad(model, {n: fmt(t) for n, t in theta.items()}, buffers,
-                                 {n: fmt(t) for n, t in masks.items()}, fmt(z), {n: fmt(t) for n, t in delta.items()})
-    ref = ntksap_batch_grad_reference(model, theta, masks, z, delta)
+                                 {n: fmt(t) for n, t in masks.items()}, fmt(z), {n: fmt(t) for n, t in delta.items()},
+                                 bn_mode)
+    ref = ntksap_batch_grad_reference(model, theta, masks, z, delta, statistics)
     for n in masks:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-5 * ref[n].abs().max().item())
     # the model itself is untouched: same weights, buffers, BN momentum and mode

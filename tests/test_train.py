@@ -90,9 +90,9 @@ def test_masks_enforced_and_optimizer_state_stays_zero(digits, tmp_path):
     for i, name in enumerate(names):
         if name in masks:
             m = masks[name]
-            assert torch.all(ckpt["model"][name][m == 0] == 0)
+            assert torch.all(ckpt["members"][0]["model"][name][m == 0] == 0)
             assert torch.all(ckpt["optimizer"]["state"][i]["momentum_buffer"][m == 0] == 0)
-            assert torch.count_nonzero(ckpt["model"][name][m == 1]) == int(m.sum())
+            assert torch.count_nonzero(ckpt["members"][0]["model"][name][m == 1]) == int(m.sum())
 
 
 # ---------------------------------------------------------------------------------

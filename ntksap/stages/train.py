@@ -68,6 +68,37 @@ def resolve_processes(processes: int | str, device=None) -> int:
     return processes
 
 
+def stack_kind(tc: Train, models: list, bundle, device=None) -> str | None:
+    """How the train stage trains the K networks of one run and seed
+    (``train.stack``): ``grouped`` or ``lockstep`` (:func:`ntksap.train.train_stacked`),
+    or ``None``, one after another: for ``off``, for a single network, and for
+    ``auto`` where the K do not fit in memory (:func:`ntksap.stacked.fits`;
+    the reason is printed). ``auto`` is ``grouped`` on CUDA, ``lockstep`` on a
+    CPU, where grouped convolutions are slower than K dense ones
+    (``benchmarks/epoch_time.py``)."""
+    from ..devices import resolve_device
+    from ..stacked import fits
+
+    if tc.stack == "off" or len(models) < 2:
+        return None
+    if tc.stack != "auto":
+        return tc.stack
+    device = resolve_device(device)
+    kind = "grouped" if device.type == "cuda" else "lockstep"
+    ok, why = fits(models[0], len(models), tc.batch_size, tuple(bundle.images("train").shape[1:]), device, kind)
+    if not ok:
+        print(f"train.stack=auto: training one network at a time: {why}", flush=True)
+        return None
+    return kind
+
+
+def group_key(kind: str, keys: list[str]) -> str:
+    """16 hex digits naming one stacked training: its kind and its members' :func:`resume_key` s, in order."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps({"kind": kind, "members": keys}).encode()).hexdigest()[:16]
+
+
 def _published_columns() -> list[str]:
     """The columns of a published ``history.csv``: the trainer's, less :data:`TIMING_COLUMNS`."""
     from ..train import HISTORY_COLUMNS
@@ -95,18 +126,19 @@ def _evaluate_at_init(model, masks, bundle, tc: Train, seed: int, out_dir: Path,
     atomic_write_text(pd.DataFrame(columns=_published_columns()).to_csv(index=False), out_dir / "history.csv")
 
 
-def torchrun_command(cfg: Params, processes: int, masks: Path, init: Path, train_json: Path, seed: int,
-                     out_dir: Path, device=None) -> list[str]:
+def torchrun_command(cfg: Params, processes: int, masks: list[Path], init: Path, train_json: Path, seed: int,
+                     out_dir: Path, device=None, kind: str | None = None, names: list[str] | None = None) -> list[str]:
     """The ``torchrun`` command line (``python -m torch.distributed.run``) that
-    trains one pruned network with ``processes`` DDP processes on this machine;
-    the dataset is found where this machine keeps it (:mod:`ntksap.locations`)."""
+    trains the pruned network(s) of ``masks`` with ``processes`` DDP processes on
+    this machine, several stacked as ``kind`` into ``out_dir/<names[k]>``; the
+    dataset is found where this machine keeps it (:mod:`ntksap.locations`)."""
     import sys
 
     from ..locations import dataset_location
 
     where = dataset_location(cfg.dataset)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           "-m", "ntksap.distributed", "--masks", str(masks), "--init", str(init), "--model", cfg.model,
+           "-m", "ntksap.distributed", "--masks", *map(str, masks), "--init", str(init), "--model", cfg.model,
            "--dataset", cfg.dataset, "--train-config", str(train_json), "--seed", str(seed),
            "--out-dir", str(out_dir), "--data-root", str(where["root"]), "--no-progress"]
     if where.get("local_path"):
@@ -115,13 +147,16 @@ def torchrun_command(cfg: Params, processes: int, masks: Path, init: Path, train
         cmd.append("--no-download")
     if device is not None:
         cmd += ["--device", str(device).split(":")[0]]
+    if kind is not None:
+        cmd += ["--stack", kind, "--names", *names]
     return cmd
 
 
-def _train_distributed(cfg: Params, processes: int, masks: Path, init: Path, tc: Train, seed: int, out_dir: Path,
-                       device=None) -> None:
-    """Train one pruned network with ``torchrun`` and ``processes`` DDP
-    processes into ``out_dir`` (``ntksap.distributed``); its output is printed
+def _train_distributed(cfg: Params, processes: int, masks: list[Path], init: Path, tc: Train, seed: int,
+                       out_dir: Path, device=None, kind: str | None = None, names: list[str] | None = None) -> None:
+    """Train the pruned network(s) of ``masks`` with ``torchrun`` and ``processes``
+    DDP processes into ``out_dir`` (``ntksap.distributed``; several: stacked as
+    ``kind``, member ``k`` in ``out_dir/<names[k]>``); its output is printed
     (so it lands in the executed notebook); a failure raises with its tail."""
     import subprocess
     import sys
@@ -133,7 +168,8 @@ def _train_distributed(cfg: Params, processes: int, masks: Path, init: Path, tc:
     env = dict(os.environ)
     package_root = str(Path(ntksap.__file__).resolve().parents[1])   # the same ntksap in every process
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    cmd = torchrun_command(cfg, processes, masks, init, out_dir / "train_config.json", seed, out_dir, device)
+    cmd = torchrun_command(cfg, processes, masks, init, out_dir / "train_config.json", seed, out_dir, device,
+                           kind, names)
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail = proc.stdout[-6000:]
@@ -195,7 +231,7 @@ def train_run(cfg: Params, run: str, seed: int, prune_dir: str | os.PathLike, ou
 
     from ..code_deps import source_digest
     from ..masks import Masks
-    from ..train import fingerprint, train
+    from ..train import fingerprint, train, train_stacked
 
     src, out = Path(prune_dir), Path(out_dir)
     tc = cfg.train
@@ -204,24 +240,41 @@ def train_run(cfg: Params, run: str, seed: int, prune_dir: str | os.PathLike, ou
     timings = Path(timings) if timings is not None else layout.timings_path("train", cfg, run, seed)
     bundle = load_dataset(cfg)
     init = torch.load(src / "init.pt", map_location="cpu", weights_only=True)
-    manifest = pd.read_csv(src / "masks.csv")
+    rows = list(pd.read_csv(src / "masks.csv").itertuples())
     code = source_digest(list(TRAINER_MODULES)) if tc.epochs else None
     results, histories, times = [], [], []
-    for row in manifest.itertuples():
-        model = new_model(cfg, bundle.num_classes, seed)
-        model.load_state_dict(init)
-        masks = Masks.load(src / row.path)
-        if tc.epochs == 0:
-            _evaluate_at_init(model, masks, bundle, tc, seed, out / row.tag, device)
-        else:
-            work = resume_root / f"{row.tag}-{resume_key(fingerprint(model, masks, bundle, tc, seed), processes, code)}"
+    models, masks = [], [Masks.load(src / row.path) for row in rows]
+    for _ in rows:
+        models.append(new_model(cfg, bundle.num_classes, seed))
+        models[-1].load_state_dict(init)
+    if tc.epochs == 0:
+        for model, mk, row in zip(models, masks, rows):
+            _evaluate_at_init(model, mk, bundle, tc, seed, out / row.tag, device)
+    else:
+        keys = [resume_key(fingerprint(m, mk, bundle, tc, seed), processes, code) for m, mk in zip(models, masks)]
+        kind = stack_kind(tc, models, bundle, device)
+        tags = [row.tag for row in rows]
+        if kind is not None:
+            work = resume_root / f"{kind}{len(rows)}-{group_key(kind, keys)}"
+            works = [work / tag for tag in tags]
             if processes > 1:
-                _train_distributed(cfg, processes, src / row.path, src / "init.pt", tc, seed, work, device)
+                _train_distributed(cfg, processes, [src / row.path for row in rows], src / "init.pt", tc, seed,
+                                   work, device, kind=kind, names=tags)
             else:
-                train(model, masks, bundle, tc, work, seed=seed, device=device, progress=progress)
+                train_stacked(models, masks, bundle, tc, work, names=tags, seed=seed, kind=kind, device=device,
+                              progress=progress)
+        else:
+            works = [resume_root / f"{tag}-{key}" for tag, key in zip(tags, keys)]
+            for model, mk, row, work in zip(models, masks, rows, works):
+                if processes > 1:
+                    _train_distributed(cfg, processes, [src / row.path], src / "init.pt", tc, seed, work, device)
+                else:
+                    train(model, mk, bundle, tc, work, seed=seed, device=device, progress=progress)
+        for row, work in zip(rows, works):
             epoch_times = _publish(work, out / row.tag)
             epoch_times.insert(0, "sparsity", row.sparsity)
             times.append(epoch_times)
+    for row in rows:
         metrics = json.loads((out / row.tag / "metrics.json").read_text())
         results.append({"sparsity": row.sparsity, "tag": row.tag, "density": row.density,
                         **{k: v for k, v in metrics.items() if k not in ("density", "sparsity")}})
