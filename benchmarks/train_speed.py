@@ -8,13 +8,22 @@ default float32 NCHW model.
     python benchmarks/train_speed.py                 # 3 x 5120 images (40 batches), 2-3 minutes on 2 idle cores
     python benchmarks/train_speed.py --full          # one full epoch (50000 images)
     python benchmarks/train_speed.py --compile on    # also torch.compile the model (slow to compile on a CPU)
+    python benchmarks/train_speed.py --no-extra      # only the PIL / ours / compute-only rows (faster)
 
 Uses the shared CIFAR-10 (``../shared/data/cifar10-jpeg.tar.gz``) when present,
 else random uint8 images of the same shape. Prints images per second of a
 pass over the images for each pipeline (median of ``--repeats`` passes, run
 in alternating order so a shared machine's load hits both alike), the compute-only rates (training steps
 on batches already in memory, for the baseline's and our model settings) and
-finally ``speed-up: <ours / PIL>x``.
+finally ``speed-up: <ours / PIL>x``. "ours" is run as ``ntksap.train.train``
+runs it: ``DeviceLoader`` with the trainer's ``drop_last`` rule and the
+device's default ``prefetch`` (a background thread on CUDA, none on a CPU),
+``train_epoch`` with the ``amp`` default of the device (bf16 on CUDA only).
+Extra rows (unless ``--no-extra``): ours with the other ``prefetch`` setting,
+ours and compute-only with bf16 autocast (``amp=True``; a CPU with
+AVX-512 BF16 / AMX runs it in oneDNN bf16 kernels), and the evaluation pass
+(``evaluate`` over batches of ``--eval-batch-size``, fp32 and bf16; images/s
+of a forward pass). A second ratio line ``speed-up with bf16: ...x`` follows.
 """
 
 from __future__ import annotations
@@ -102,6 +111,8 @@ def main(argv=None):
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="torch.compile our model (auto: on for CUDA, off on a CPU)")
     ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: CUDA only)")
+    ap.add_argument("--no-extra", action="store_true", help="skip the prefetch, bf16 and evaluation rows")
+    ap.add_argument("--eval-batch-size", type=int, default=500, help="batch of the evaluation rows (trainer: 500)")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per set-up (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
@@ -138,12 +149,23 @@ def main(argv=None):
     # ours: uint8 images on the device, DeviceLoader, channels-last (+ compile, + bf16 on CUDA)
     model, opt = make_model(device, channels_last=True)
     net = torch.compile(model) if use_compile else model
+    drop_last = use_compile or n % bs == 1                  # the trainer's rule (+ static shapes for compile)
     ours = data.DeviceLoader(bundle, "train", batch_size=bs, seed=0, device=device, channels_last=True,
-                             drop_last=use_compile)
+                             drop_last=drop_last)
+    other_prefetch = 0 if ours.prefetch else 1
+    ours_other = data.DeviceLoader(bundle, "train", batch_size=bs, seed=0, device=device, channels_last=True,
+                                   drop_last=drop_last, prefetch=other_prefetch)
     xc = xb.contiguous(memory_format=torch.channels_last)
     tw = warm_up(net, opt, xc, yb, amp=amp)
     if use_compile:
         print(f"torch.compile warm-up: {tw:.1f} s (not counted)")
+    if not args.no_extra and not amp:       # the bf16 rows: their own model, so fp32 and bf16 weights evolve apart
+        bf_model, bf_opt = make_model(device, channels_last=True)
+        bf_net = torch.compile(bf_model) if use_compile else bf_model
+        warm_up(bf_net, bf_opt, xc, yb, amp=True)
+    eb = min(args.eval_batch_size, n)
+    test_loader = data.DeviceLoader(bundle, "train", batch_size=eb, augment=False, shuffle=False, seed=0,
+                                    device=device, channels_last=True)
 
     def pil_pass():
         seen = 0
@@ -165,11 +187,25 @@ def main(argv=None):
         "  compute only, our model settings": lambda: train.train_epoch(net, our_batches, opt, amp=amp)["images"],
         "  our loader alone (no training)": loader_only,
     }
+    if not args.no_extra:
+        passes[f"ours, prefetch={other_prefetch}" + (" + bf16" if amp else "")] = \
+            lambda: train.train_epoch(net, ours_other, opt, amp=amp)["images"]
+        if not amp:
+            passes["ours + bf16 autocast"] = lambda: train.train_epoch(bf_net, ours, bf_opt, amp=True)["images"]
+            passes["  compute only, bf16 autocast"] = \
+                lambda: train.train_epoch(bf_net, our_batches, bf_opt, amp=True)["images"]
+
+        def eval_pass(a):
+            train.evaluate(net, test_loader, amp=a)
+            return n
+
+        for a in (False, True):
+            passes[f"  evaluation pass, batch {eb}" + (", bf16" if a else ", fp32")] = lambda a=a: eval_pass(a)
     # repeats in alternating order, so that both pipelines see the same load on a shared machine
     rates: dict[str, list[float]] = {k: [] for k in passes}
     names = list(passes)
     for r in range(args.repeats):
-        for name in (names if r % 2 == 0 else names[1::-1] + names[2:]):
+        for name in (names if r % 2 == 0 else names[::-1]):
             dt, seen = timed(passes[name], device)
             rates[name].append(seen / dt)
     width = max(map(len, names))
@@ -178,6 +214,8 @@ def main(argv=None):
         each = ", ".join(f"{v:.0f}" for v in rates[name])
         print(f"{name:<{width}}  {np.median(rates[name]):8.0f}   ({each})")
     print(f"speed-up: {np.median(rates[names[1]]) / np.median(rates[names[0]]):.2f}x")
+    if "ours + bf16 autocast" in rates:
+        print(f"speed-up with bf16: {np.median(rates['ours + bf16 autocast']) / np.median(rates[names[0]]):.2f}x")
 
 
 if __name__ == "__main__":

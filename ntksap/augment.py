@@ -165,13 +165,23 @@ def random_resized_crop_flip(x: torch.Tensor, size: tuple[int, int] | None = Non
     return resized_crop_flip(x, boxes, flip, size)
 
 
-def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_pixels(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Apply the named augmentation (one of :data:`AUGMENTATIONS`) to a uint8
-    batch (B, C, H, W); returns float32 on the 0-255 scale."""
+    batch (B, C, H, W), keeping the pixels' dtype where the augmentation only
+    moves pixels: uint8 for ``none`` (``x`` itself) and ``crop_flip`` (with
+    channels-last strides), float32 on the 0-255 scale for ``rrc_flip``.
+    Draws from ``generator`` exactly as :func:`augment_batch` does, so a loader
+    can convert and normalise afterwards in one pass."""
     if kind == "none":
-        return x.to(torch.float32)
+        return x
     if kind == "crop_flip":
-        return random_crop_flip(x, 4, generator).to(torch.float32)
+        return random_crop_flip(x, 4, generator)
     if kind == "rrc_flip":
         return random_resized_crop_flip(x, None, (0.1, 1.0), (0.8, 1.25), generator)
     raise ValueError(f"augment={kind!r} is unknown; allowed: {AUGMENTATIONS}")
+
+
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply the named augmentation (one of :data:`AUGMENTATIONS`) to a uint8
+    batch (B, C, H, W); returns float32 on the 0-255 scale."""
+    return augment_pixels(x, kind, generator).to(torch.float32)

@@ -32,13 +32,16 @@ Where the data comes from:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import pickle
+import queue
 import re
 import socket
 import tarfile
+import threading
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -49,7 +52,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from .augment import AUGMENTATIONS, augment_batch
+from .augment import AUGMENTATIONS, augment_pixels
 from .devices import resolve_device
 from .files import atomic_torch_save
 from .hashing import tensor_digest
@@ -894,6 +897,73 @@ def prune_loader(bundle: Dataset, per_class: int = 10, batch_size: int = 256, se
 # ==================================================================================
 # the device loader
 # ==================================================================================
+_DONE = object()
+
+
+def _prefetched(make, count: int, depth: int, device: torch.device) -> Iterator:
+    """``make(0), ..., make(count - 1)``, made in this order by one background
+    thread up to ``depth`` batches ahead of the consumer. On CUDA the thread
+    works on a side stream; each batch is handed over with an event the
+    consumer's stream waits for (and ``record_stream`` so its memory is not
+    reused too early). Closing the iterator early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    cuda = device.type == "cuda"
+    consumer = torch.cuda.current_stream(device) if cuda else None
+    side = torch.cuda.Stream(device) if cuda else None
+    if cuda:
+        side.wait_stream(consumer)           # the epoch's order was drawn on the consumer's stream
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            with contextlib.ExitStack() as ctx:
+                if cuda:   # the current device and stream are per thread
+                    ctx.enter_context(torch.cuda.device(device))
+                    ctx.enter_context(torch.cuda.stream(side))
+                for i in range(count):
+                    if stop.is_set():
+                        return
+                    x, y = make(i)
+                    ev = None
+                    if cuda:
+                        ev = torch.cuda.Event()
+                        ev.record(side)
+                    if not put((x, y, ev)):
+                        return
+            put(_DONE)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    t = threading.Thread(target=work, name="DeviceLoader-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            x, y, ev = item
+            if cuda:
+                consumer.wait_event(ev)
+                x.record_stream(consumer)
+                y.record_stream(consumer)
+            yield x, y
+    finally:
+        stop.set()
+        t.join()
+        if cuda:   # the side stream's last reads (of the order, the images) finish before their memory is reused
+            consumer.wait_stream(side)
+
 class DeviceLoader:
     """Batches of (x, y) on ``device``: x float32 (B, C, H, W) normalised with
     the dataset's mean/std, y int64 (B,).
@@ -910,16 +980,25 @@ class DeviceLoader:
     none for test; ``True``/``False``; or a name from ``augment.AUGMENTATIONS``.
     ``shuffle``: ``None`` = shuffle the training split only.
     ``channels_last``: return x in channels-last memory format.
+    ``prefetch``: in-memory datasets only: how many batches a background
+    thread prepares ahead of the one being used (0 = none, each batch is made
+    when it is asked for). ``None``: 1 on CUDA (the batches are made on a
+    side stream, overlapping the training step), 0 on a CPU (there the thread
+    would compete with the compute threads for the same cores; measured in
+    ``benchmarks/train_speed.py``). The batches are the same bit for bit
+    either way: one thread makes them in order from the same generator.
     """
 
     def __init__(self, bundle: Dataset, split: str = "train", batch_size: int = 128, augment=None, seed: int = 0,
                  device=None, drop_last: bool = False, shuffle: bool | None = None, channels_last: bool = False,
-                 num_workers: int = 8):
+                 num_workers: int = 8, prefetch: int | None = None):
         _check_split(split)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers={num_workers!r} must be a non-negative integer")
+        if prefetch is not None and (not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0):
+            raise ValueError(f"prefetch={prefetch!r} must be None or a non-negative integer")
         if augment is None:
             augment = split == "train"
         if augment is True:
@@ -935,6 +1014,7 @@ class DeviceLoader:
         self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
         self.channels_last = bool(channels_last)
         self.device = resolve_device(device)
+        self.prefetch = (1 if self.device.type == "cuda" else 0) if prefetch is None else prefetch
         self.epoch = 0
         n = bundle.num_train if split == "train" else bundle.num_test
         self.num_samples = n
@@ -966,17 +1046,30 @@ class DeviceLoader:
         g = self._generator(epoch, self.device)
         n = len(labels)
         order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else None
+        make = (lambda i: self._batch(images, labels, order, g, i))
+        if self.prefetch > 0:
+            yield from _prefetched(make, len(self), self.prefetch, self.device)
+        else:
+            for i in range(len(self)):
+                yield make(i)
+
+    def _batch(self, images, labels, order, g, i):
+        """Batch ``i`` of a pass: gather, augment (drawing from ``g``), convert
+        and normalise. Called for i = 0, 1, ... in order (``g`` advances)."""
+        b = self.batch_size
+        if order is None:
+            x, y = images[i * b:(i + 1) * b], labels[i * b:(i + 1) * b]
+        else:
+            idx = order[i * b:(i + 1) * b]
+            x, y = images.index_select(0, idx), labels.index_select(0, idx)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        for i in range(len(self)):
-            if order is None:
-                x, y = images[i * self.batch_size:(i + 1) * self.batch_size], labels[i * self.batch_size:
-                                                                                    (i + 1) * self.batch_size]
-            else:
-                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-                x, y = images.index_select(0, idx), labels.index_select(0, idx)
-            x = augment_batch(x, self.augment, g)                  # float32, 0-255
-            x = x.contiguous(memory_format=fmt).mul_(self._scale).add_(self._shift)
-            yield x, y
+        x = augment_pixels(x, self.augment, g)   # uint8 (none, crop_flip) or float32 0-255 (rrc_flip)
+        # layout change on the (uint8) pixels, then one pass uint8 -> float32 * scale and one in-place
+        # shift: the same roundings as float(x) * scale + shift in two steps, so the values are unchanged
+        x = torch.mul(x.contiguous(memory_format=fmt), self._scale)
+        if not x.is_contiguous(memory_format=fmt):     # C == 1 or H == W == 1: strides are ambiguous
+            x = x.contiguous(memory_format=fmt)
+        return x.add_(self._shift), y
 
     def _iter_disk(self, epoch: int):
         ds = self.bundle.train_set if self.split == "train" else self.bundle.test_set

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .functional import (bn_batch_statistics, call, masked_params, model_tensors, scoring_mode,
+from .functional import (affine_batchnorm, bn_batch_statistics, call, masked_params, model_tensors, scoring_mode,
                          statistics_of_next_call, to_format)
 
 Tensor = torch.Tensor
@@ -305,13 +305,14 @@ def ntksap_batch_mask_grad(model: nn.Module, theta: Mapping[str, Tensor], buffer
         def own(b):  # train mode updates the running statistics it is given: each pass gets a copy
             return {k: v.clone() for k, v in b.items()} if mode == "train" else b
 
-        with scoring_mode(model, mode):
+        with scoring_mode(model, mode), affine_batchnorm(model):
             out_u = call(model, masked_params(theta, m), own(stats), z)
             out_p = call(model, masked_params(perturbed, m), own(stats), z)
         return (out_u - out_p).pow(2).sum()
 
     if bn_mode == "unperturbed":
-        with scoring_mode(model, "eval"), statistics_of_next_call(model, buffers) as (stats, calls):
+        with scoring_mode(model, "eval"), affine_batchnorm(model), \
+                statistics_of_next_call(model, buffers) as (stats, calls):
             out_u = call(model, masked_params(theta, m), stats, z)
             if all(c == 1 for c in calls.values()):
                 out_p = call(model, masked_params(perturbed, m), stats, z)

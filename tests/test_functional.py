@@ -172,3 +172,36 @@ def test_borrowed_and_set_modes_restore_modes_momenta_tracking_and_hooks():
     with scoring_mode(model, "eval"):
         assert not any(m.training for m in model.modules())
     assert [m.training for m in model] == [True, True, False]
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: nn.BatchNorm2d(4), (5, 4, 3, 3)),
+                                        (lambda: nn.BatchNorm2d(4, affine=False), (5, 4, 3, 3)),
+                                        (lambda: nn.BatchNorm1d(4), (5, 4)), (lambda: nn.BatchNorm1d(4), (5, 4, 6))])
+def test_affine_batchnorm_is_eval_batchnorm_and_is_undone(make, shape):
+    from ntksap.functional import affine_batchnorm
+
+    torch.manual_seed(0)
+    bn = make()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.normal_()
+            bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(shape, requires_grad=True)
+    g = torch.randn(shape)
+    ref = torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    with affine_batchnorm(bn):
+        assert "forward" in vars(bn)
+        out = bn(x)
+        (gx,) = torch.autograd.grad(out, x, g)
+        bn.train()
+        train_out = bn(x)               # train mode: the module's own forward (batch statistics)
+        bn.eval()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(train_out.mean(0 if len(shape) == 2 else [0, *range(2, len(shape))]),
+                          bn.bias.detach() if bn.affine else torch.zeros(4), atol=1e-5)
+    assert "forward" not in vars(bn)
