@@ -52,7 +52,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from .augment import AUGMENTATIONS, augment_pixels
+from .augment import AUGMENTATIONS, augment_batch, augment_pixels
 from .devices import resolve_device
 from .files import atomic_torch_save
 from .hashing import tensor_digest
