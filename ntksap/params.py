@@ -98,8 +98,9 @@ class Run(Section):
         "noise", "NTK-SAP inputs while scoring: noise (N(0, I), the paper) or data (the prune set)")
     bn_mode: Annotated[str | None, OneOf(bn_modes), NullMeans("the method's own")] = knob(
         None, "BatchNorm while scoring: train (batch statistics), eval (running statistics) or, for NTK-SAP, "
-        "unperturbed (the unperturbed net's batch statistics in both passes); null = the method's own, as the "
-        "authors' code: eval for SynFlow, unperturbed for NTK-SAP, train otherwise", strict=True)
+        "unperturbed (the unperturbed net's batch statistics in both passes, taken in the unperturbed pass) or "
+        "unperturbed_two_pass (the same from a separate statistics pass first, as the authors' code); null = the "
+        "method's own: eval for SynFlow, unperturbed for NTK-SAP, train otherwise", strict=True)
     label: str | None = knob(None, "legend label (null = the method's name)", strict=True, min_length=1)
 
     @model_validator(mode="after")
