@@ -1,5 +1,8 @@
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,21 @@ def tiny_conv():
 def tiny_mlp():
     torch.manual_seed(0)
     return TinyMLP()
+
+
+def sigkill_after_epochs(cmd: list[str], env: dict, history: Path, epochs: int = 2, timeout: float = 240) -> None:
+    """Start ``cmd`` and SIGKILL it once ``history`` (a trainer's history.csv)
+    holds ``epochs`` rows; asserts it was still running and was killed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if history.exists() and len(history.read_text().strip().splitlines()) >= epochs + 1:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL

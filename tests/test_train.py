@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import ntksap
+from conftest import sigkill_after_epochs
 from ntksap import Masks, build_model, data, params, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,21 +230,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(data_root, digits, tmp_pa
     assert full["resumed_from"] == 0
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(child + [str(cut), str(data_root), str(epochs), "0.02"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:        # kill once two epochs are on disk
-            hist = cut / "history.csv"
-            if hist.exists() and len(hist.read_text().strip().splitlines()) >= 3:
-                break
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_after_epochs(child + [str(cut), str(data_root), str(epochs), "0.02"], env, cut / "history.csv")
     assert not (cut / "metrics.json").exists()
     killed_at = train.load_checkpoint(cut / "checkpoint.pt")["epoch"]
     assert 2 <= killed_at < epochs

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from conftest import sigkill_after_epochs
 from ntksap import Masks, build_model, data, params, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,21 +166,7 @@ def test_stacked_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tmp_pat
 
     assert run(tmp_path / "full")["resumed_from"] == 0
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(child + [str(cut), str(data_root), str(epochs), "0.02", kind], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:        # kill once two epochs are on disk
-            hist = cut / "2" / "history.csv"
-            if hist.exists() and len(hist.read_text().strip().splitlines()) >= 3:
-                break
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_after_epochs(child + [str(cut), str(data_root), str(epochs), "0.02", kind], env, cut / "2" / "history.csv")
     killed_at = train.load_checkpoint(cut / "checkpoint.pt")["epoch"]
     assert 2 <= killed_at < epochs
     assert not any((cut / str(k) / "metrics.json").exists() for k in range(3))
