@@ -219,7 +219,8 @@ def test_each_named_set_validates_and_takes_its_datasets_protocol(name):
     assert {"override /train": p.dataset} in own["defaults"]          # the dataset's protocol group ...
     assert p.train == params.protocol(p.dataset, **own.get("train", {}))  # ... and only what the set changes
     assert p.train.model_dump(include=set(params.Train.EXECUTION_FIELDS)) == {
-        "channels_last": None, "amp": None, "compile": False, "num_workers": 8, "eval_batch_size": 500}
+        "stack": "auto", "channels_last": None, "amp": None, "compile": False, "num_workers": 8,
+        "eval_batch_size": 500}
 
 
 def test_named_sets_state_only_what_differs_from_the_groups():
