@@ -194,3 +194,9 @@ def test_stage_picks_the_engine_and_falls_back_when_the_nets_do_not_fit(monkeypa
     assert "one network at a time: 3 x lockstep members need ~9 GiB" in capsys.readouterr().out
     with pytest.raises(Exception, match="stack"):
         params.protocol("digits", stack="vmap")
+    on_disk = data.Dataset(**{**{f: getattr(bundle, f) for f in ("name", "num_classes", "input_shape", "mean",
+                                                                 "std", "augment", "classes", "train_labels",
+                                                                 "test_labels")}})   # ImageNet-like: no tensors
+    seen = []
+    monkeypatch.setattr("ntksap.stacked.fits", lambda m, k, b, shape, *a, **kw: (seen.append(shape), (True, ""))[1])
+    assert train_stage.stack_kind(cfg, models, on_disk, "cpu") == "lockstep" and seen == [(1, 8, 8)]

@@ -85,7 +85,7 @@ def stack_kind(tc: Train, models: list, bundle, device=None) -> str | None:
         return tc.stack
     device = resolve_device(device)
     kind = "grouped" if device.type == "cuda" else "lockstep"
-    ok, why = fits(models[0], len(models), tc.batch_size, tuple(bundle.images("train").shape[1:]), device, kind)
+    ok, why = fits(models[0], len(models), tc.batch_size, tuple(bundle.input_shape), device, kind)
     if not ok:
         print(f"train.stack=auto: training one network at a time: {why}", flush=True)
         return None
