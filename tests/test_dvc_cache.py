@@ -233,9 +233,12 @@ def test_a_training_code_change_trains_again_in_a_new_checkpoint_folder(repo):
         for r in RUNS:
             now = {p.name for p in (repo / layout.checkpoints_dir(cfg, r, 0)).iterdir()}
             new = now - folders[r]
-            assert folders[r] <= now and len(new) == len(cfg.sparsities), (folders[r], now)  # a new key per sparsity
-            for name in new:
-                assert (repo / layout.checkpoints_dir(cfg, r, 0) / name / "checkpoint.pt").is_file()
+            # a new key: one folder for the run's sparsities trained at once (train.stack), with one
+            # checkpoint and a folder per sparsity
+            assert folders[r] <= now and len(new) == 1, (folders[r], now)
+            work = repo / layout.checkpoints_dir(cfg, r, 0) / new.pop()
+            assert (work / "checkpoint.pt").is_file()
+            assert len([d for d in work.iterdir() if (d / "model.pt").is_file()]) == len(cfg.sparsities)
             spent = (repo / layout.timings_path("train", cfg, r, 0))
             assert spent.stat().st_mtime_ns > timings[r]      # trained: new seconds per epoch
             assert len(spent.read_text().splitlines()) == 1 + cfg.train.epochs * len(cfg.sparsities)

@@ -382,8 +382,10 @@ def test_train_spectrum_and_plot_outputs(repo, reproduced):
         for tag in res["tag"]:
             assert (out / tag / "metrics.json").is_file() and (out / tag / "model.pt").is_file()
             assert "epoch_time" not in pd.read_csv(out / tag / "history.csv")
-            ckpts = list((repo / layout.checkpoints_dir(cfg, run, 0)).glob(f"{tag}-*/checkpoint.pt"))
-            assert len(ckpts) == 1  # the resumable run lives outside DVC's output
+            # the resumable run lives outside DVC's output: the run's sparsities trained at once
+            # (train.stack: lockstep on a CPU), one checkpoint, a folder per sparsity
+            runs = list((repo / layout.checkpoints_dir(cfg, run, 0)).glob(f"lockstep{len(res)}-*/{tag}/model.pt"))
+            assert len(runs) == 1 and (runs[0].parent.parent / "checkpoint.pt").is_file()
     eig = pd.read_csv(res_dir / "spectrum/eigenvalues.csv")
     counts = eig.groupby(eig.columns[0]).size()
     assert len(counts) == 1 + len(MICRO_RUNS) and (counts == cfg.spectrum.num_inputs * 10).all()

@@ -157,7 +157,8 @@ def test_ntksap_end_to_end_matches_deep_copy_reference(channels_last, bn_mode, s
                                              statistics=statistics)
     for s, r in zip(seen, ref_scores):
         for n in r:
-            torch.testing.assert_close(s[n], r[n], rtol=1e-5, atol=1e-5 * r[n].abs().max().item())
+            # one pass: our statistics by batch_norm (Welford), the reference's by var(): 1e-4 of the largest score
+            torch.testing.assert_close(s[n], r[n], rtol=1e-5, atol=1e-4 * r[n].abs().max().item())
     assert all(torch.equal(masks[n], ref_masks[n]) for n in masks)
 
 
