@@ -154,6 +154,24 @@ def affine_batchnorm(model: nn.Module):
 
 
 # -- BatchNorm batch statistics ----------------------------------------------------------
+def _statistics_buffers(model: nn.Module, buffers: Mapping[str, Tensor],
+                        reset: bool = False) -> tuple[dict[str, Tensor], list]:
+    """``buffers`` with each BatchNorm layer's running statistics replaced by
+    fresh tensors (copies, or with ``reset`` mean 0, variance 1 and
+    ``num_batches_tracked`` 0), and those layers (the ones that have them)."""
+    fresh, bns = dict(buffers), []
+    for name, mod in model.named_modules():
+        pre = f"{name}." if name else ""
+        if isinstance(mod, _BatchNorm) and pre + "running_mean" in buffers:
+            bns.append(mod)
+            mean, var = buffers[pre + "running_mean"], buffers[pre + "running_var"]
+            fresh[pre + "running_mean"] = torch.zeros_like(mean) if reset else mean.clone()
+            fresh[pre + "running_var"] = torch.ones_like(var) if reset else var.clone()
+            if reset and pre + "num_batches_tracked" in buffers:
+                fresh[pre + "num_batches_tracked"] = torch.zeros_like(buffers[pre + "num_batches_tracked"])
+    return fresh, bns
+
+
 @torch.no_grad()
 def bn_batch_statistics(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
                         x: Tensor) -> dict[str, Tensor]:
@@ -163,16 +181,7 @@ def bn_batch_statistics(model: nn.Module, params: Mapping[str, Tensor], buffers:
     on fresh copies (PAPER.md section 2). Other buffers, and BatchNorm layers
     without running-statistic buffers, are as given; ``buffers`` itself and the
     model (modes, momenta) are unchanged."""
-    fresh = dict(buffers)
-    bns = []
-    for name, mod in model.named_modules():
-        pre = f"{name}." if name else ""
-        if isinstance(mod, _BatchNorm) and pre + "running_mean" in buffers:
-            bns.append(mod)
-            fresh[pre + "running_mean"] = torch.zeros_like(buffers[pre + "running_mean"])
-            fresh[pre + "running_var"] = torch.ones_like(buffers[pre + "running_var"])
-            if pre + "num_batches_tracked" in buffers:
-                fresh[pre + "num_batches_tracked"] = torch.zeros_like(buffers[pre + "num_batches_tracked"])
+    fresh, bns = _statistics_buffers(model, buffers, reset=True)
     with borrowed(model):
         set_modes(model, "train")
         for mod in bns:
@@ -181,17 +190,7 @@ def bn_batch_statistics(model: nn.Module, params: Mapping[str, Tensor], buffers:
     return fresh
 
 
-def _statistics_buffers(model: nn.Module, buffers: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list]:
-    """``buffers`` with each BatchNorm layer's running mean and variance replaced
-    by a fresh copy, and those layers (the ones that have the buffers)."""
-    fresh, bns = dict(buffers), []
-    for name, mod in model.named_modules():
-        pre = f"{name}." if name else ""
-        if isinstance(mod, _BatchNorm) and pre + "running_mean" in buffers:
-            bns.append(mod)
-            for key in ("running_mean", "running_var"):
-                fresh[pre + key] = buffers[pre + key].clone()
-    return fresh, bns
+
 
 
 @contextlib.contextmanager

@@ -310,18 +310,16 @@ def ntksap_batch_mask_grad(model: nn.Module, theta: Mapping[str, Tensor], buffer
             out_p = call(model, masked_params(perturbed, m), own(stats), z)
         return (out_u - out_p).pow(2).sum()
 
+    objective = None
     if bn_mode == "unperturbed":
         with scoring_mode(model, "eval"), affine_batchnorm(model), \
                 statistics_of_next_call(model, buffers) as (stats, calls):
             out_u = call(model, masked_params(theta, m), stats, z)
-            if all(c == 1 for c in calls.values()):
-                out_p = call(model, masked_params(perturbed, m), stats, z)
-                objective = (out_u - out_p).pow(2).sum()
-        if any(c != 1 for c in calls.values()):   # a BatchNorm layer run twice in one forward: the two-pass form
-            bn_mode = "unperturbed_two_pass"
-    if bn_mode == "unperturbed_two_pass":
+            if all(c == 1 for c in calls.values()):   # else a BatchNorm layer ran twice: the two-pass form below
+                objective = (out_u - call(model, masked_params(perturbed, m), stats, z)).pow(2).sum()
+    if objective is None and bn_mode in ("unperturbed", "unperturbed_two_pass"):
         objective = difference(bn_batch_statistics(model, masked_params(theta, masks), buffers, z), "eval")
-    elif bn_mode != "unperturbed":
+    elif objective is None:
         objective = difference(dict(buffers), bn_mode)
     objective.backward()
     return mask_grads(m, "ntksap")

@@ -224,8 +224,13 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def _cpu_copy(state: dict) -> dict:
+    """Detached, contiguous CPU copies of the tensors of ``state``."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
 def _cpu_state(model: nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    return _cpu_copy(model.state_dict())
 
 
 def _density(model: nn.Module, masks: Masks | None) -> float:
@@ -352,10 +357,7 @@ def _engine(models: list[nn.Module], kind: str | None) -> nn.Module:
 
 
 def _member_states(engine: nn.Module, kind: str | None) -> list[dict]:
-    if kind is None:
-        return [_cpu_state(engine)]
-    return [{k: v.detach().to("cpu", copy=True).contiguous() for k, v in st.items()}
-            for st in engine.member_states()]
+    return [_cpu_state(engine)] if kind is None else [_cpu_copy(st) for st in engine.member_states()]
 
 
 def _load_member_states(engine: nn.Module, kind: str | None, states: list[dict]) -> None:

@@ -38,14 +38,17 @@ def resume_key(fingerprint: dict, processes: int, code: str | None = None) -> st
     of training code gives a new key, so a stale checkpoint is never resumed,
     republished or overwritten. ``code``: that digest, when the caller has it
     already (:func:`train_run` reads the sources once for all sparsities)."""
-    import hashlib
-
     from ..code_deps import source_digest
 
     code = code if code is not None else source_digest(list(TRAINER_MODULES))
-    text = json.dumps({"fingerprint": fingerprint, "processes": int(processes), "code": code},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _key({"fingerprint": fingerprint, "processes": int(processes), "code": code})
+
+
+def _key(obj) -> str:
+    """16 hex digits of the SHA-256 of ``obj`` as sorted JSON."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def resolve_processes(processes: int | str, device=None) -> int:
@@ -94,9 +97,7 @@ def stack_kind(tc: Train, models: list, bundle, device=None) -> str | None:
 
 def group_key(kind: str, keys: list[str]) -> str:
     """16 hex digits naming one stacked training: its kind and its members' :func:`resume_key` s, in order."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps({"kind": kind, "members": keys}).encode()).hexdigest()[:16]
+    return _key({"kind": kind, "members": keys})
 
 
 def _published_columns() -> list[str]:
