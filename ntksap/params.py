@@ -33,7 +33,8 @@ DENSE = "dense"
 """Pseudo-method of a run that is not pruned (sparsity 0, trained once per seed)."""
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 METHOD_LABELS = {"random": "Random", "magnitude": "Magnitude", "snip": "SNIP", "iterative_snip": "Iterative SNIP",
-                 "grasp": "GraSP", "synflow": "SynFlow", "ntksap": "NTK-SAP", "dense": "Dense"}
+                 "grasp": "GraSP", "synflow": "SynFlow", "ntksap": "NTK-SAP", "random_erk": "Random (ERK)",
+                 "synflow_l2": "SynFlow-L2", "px": "PX", "dense": "Dense"}
 
 
 # -- registries (imported late: they import torch) --------------------------------------
@@ -82,8 +83,8 @@ class Run(Section):
     """One curve of a figure: a pruning method and its settings (``runs.<name>``)."""
 
     method: Annotated[str, OneOf(method_names)] = knob(
-        ..., "pruning method: random, magnitude, snip, iterative_snip, grasp, synflow, ntksap, or dense (not "
-        "pruned; a reference line)", strict=True)
+        ..., "pruning method: random, magnitude, snip, iterative_snip, grasp, synflow, ntksap (the paper's), "
+        "random_erk, synflow_l2, px (beyond the paper), or dense (not pruned; a reference line)", strict=True)
     iterations: Annotated[int | None, NullMeans("the method's paper default")] = knob(
         None, "pruning iterations T (paper: 1 for single-shot methods, 100 for SynFlow and iterative SNIP, NTK-SAP "
         "20 on CIFAR-10 and 100 elsewhere; null = that default)", strict=True, ge=1)
@@ -101,6 +102,9 @@ class Run(Section):
         "unperturbed (the unperturbed net's batch statistics in both passes, taken in the unperturbed pass) or "
         "unperturbed_two_pass (the same from a separate statistics pass first, as the authors' code); null = the "
         "method's own: eval for SynFlow, unperturbed for NTK-SAP, train otherwise", strict=True)
+    prune_set: Annotated[Literal["balanced", "random"] | None, NullMeans("the method's own, else prune.prune_set")] = knob(
+        None, "prune set of a data-driven method: balanced or random (see prune.prune_set); null = the method's "
+        "paper's (balanced for PX), else prune.prune_set")
     label: str | None = knob(None, "legend label (null = the method's name)", strict=True, min_length=1)
 
     @model_validator(mode="after")
@@ -118,6 +122,12 @@ class Run(Section):
             if self.bn_mode not in allowed:
                 raise ValueError(f"bn_mode={self.bn_mode!r} is not allowed for method {self.method!r}; "
                                  f"allowed: null (the method's own) or one of {list(allowed)}")
+        if self.prune_set is not None and self.method != "ntksap":
+            from .scores import METHODS
+
+            if self.method == DENSE or not METHODS[self.method].needs_data:
+                raise ValueError(f"prune_set={self.prune_set!r} is not allowed for method {self.method!r}; "
+                                 "allowed: null (the method reads no data)")
         if self.method == DENSE and self.iterations is not None:
             raise ValueError(f"iterations={self.iterations!r} is not allowed for method 'dense'; "
                              "allowed: null (a dense run is not pruned)")
@@ -228,6 +238,15 @@ class Params(Section):
     def pruned_sparsities(self, run: str) -> list[float]:
         """Sparsities a run is pruned and trained at: all of them, or 0 for ``dense``."""
         return [0.0] if self.runs[run].method == DENSE else list(self.sparsities)
+
+    def prune_set(self, run: str) -> str:
+        """The prune set a run's data-driven method reads: the run's own, else its
+        method's paper's (:attr:`ntksap.scores.Method.prune_set`), else ``prune.prune_set``."""
+        from .scores import METHODS
+
+        r = self.runs[run]
+        spec = METHODS.get(r.method)
+        return r.prune_set or (spec.prune_set if spec is not None else None) or self.prune.prune_set
 
     def label(self, run: str) -> str:
         return self.runs[run].label or METHOD_LABELS.get(run) or run

@@ -269,6 +269,8 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
     if not params:
         raise ValueError(f"model: {type(model).__name__} has nothing prunable (no Conv/Linear weight"
                          f"{' outside exclude=' + repr(exclude) if exclude else ''})")
+    if spec.check is not None:
+        spec.check(model)
     device = resolve_device(device)
     rng_devices = _rng_devices(device)
     needs_data = spec.needs_data or not noise_inputs  # noise_inputs=False: NTK-SAP on real inputs

@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .functional import (affine_batchnorm, bn_batch_statistics, call, masked_params, model_tensors, scoring_mode,
                          statistics_of_next_call, to_format)
+from .paths import check_relu_network, path_tensors, relu_gates
 
 Tensor = torch.Tensor
 Scores = dict[str, Tensor]
@@ -139,6 +140,26 @@ def magnitude_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreCo
     """Magnitude: ``|theta|`` at initialisation."""
     params = dict(model.named_parameters())
     return {n: params[n].detach().abs().to(ctx.device) for n in masks}
+
+
+def erk_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext) -> Scores:
+    """Random with Erdos-Renyi-Kernel layer-wise densities (Evci et al. 2020,
+    RigL; Mocanu et al. 2018 without the kernel): layer l keeps
+    ``min(1, eps * s_l)`` of its weights, ``s_l = sum(shape) / prod(shape)``
+    of its weight (``(c_out + c_in + k_h + k_w) / (c_out c_in k_h k_w)`` for a
+    convolution), eps set by the total density, layers that would exceed 1
+    dense. Score of weight i of layer l: ``s_l n_l / (r_i + u_i)``, ``r`` a
+    random permutation of 0..n_l-1 and ``u ~ U(0, 1)``: a global threshold t
+    keeps the weights with ``r_i + u_i < n_l s_l / t``, within one weight of
+    ``n_l min(1, s_l / t)`` per layer, a uniformly random subset of each layer,
+    at any density."""
+    out = {}
+    for n, m in masks.items():
+        numel = m.numel()
+        s = sum(m.shape) / numel
+        rank = torch.randperm(numel, device=ctx.device, dtype=torch.float64).reshape(m.shape)
+        out[n] = s * numel / (rank + torch.rand(m.shape, device=ctx.device, dtype=torch.float64))
+    return out
 
 
 # -- data-dependent baselines ----------------------------------------------------------
@@ -257,7 +278,22 @@ def grasp_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContex
     return {n: (theta[n] * h).contiguous() for n, h in zip(names, hg)}
 
 
-# -- SynFlow -------------------------------------------------------------------------
+# -- SynFlow and SynFlow-L2 ---------------------------------------------------------------
+def _synaptic_flow(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext, power: int,
+                   method: str) -> Scores:
+    """``|dR/dm|``, R = sum of the output, on an all-ones input, of the network
+    whose parameters and floating buffers are replaced by ``|t|**power``
+    (masked weights ``|theta|**power * m``), in ``ctx.synflow_dtype``."""
+    dtype = ctx.synflow_dtype
+    params, buffers = model_tensors(model, ctx.device, dtype=dtype)
+    params = {n: p.abs() ** power for n, p in params.items()}
+    buffers = {n: (b.abs() ** power if b.is_floating_point() else b) for n, b in buffers.items()}
+    m = _leaf_masks(masks, params)
+    x = torch.ones((1, *ctx.input_shape), dtype=dtype, device=ctx.device)
+    call(model, masked_params(params, m), buffers, x).sum().backward()
+    return {n: g.abs() for n, g in mask_grads(m, method).items()}
+
+
 def synflow_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext) -> Scores:
     """SynFlow: ``|theta * dR/dtheta|`` = ``|dR/dm|`` with R = sum of the output of
     the network whose parameters and buffers are replaced by their absolute
@@ -267,14 +303,76 @@ def synflow_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreCont
     own statistics. Computed in ``ctx.synflow_dtype``: float64 by default, so
     deep nets (VGG-16, ResNet-50) do not overflow; float32 is the authors'
     (with their count rule, their ResNet-20 masks come out bit for bit)."""
-    dtype = ctx.synflow_dtype
-    params, buffers = model_tensors(model, ctx.device, dtype=dtype)
-    params = {n: p.abs() for n, p in params.items()}
-    buffers = {n: (b.abs() if b.is_floating_point() else b) for n, b in buffers.items()}
-    m = _leaf_masks(masks, params)
-    x = torch.ones((1, *ctx.input_shape), dtype=dtype, device=ctx.device)
-    call(model, masked_params(params, m), buffers, x).sum().backward()
-    return {n: g.abs() for n, g in mask_grads(m, "synflow").items()}
+    return _synaptic_flow(model, masks, ctx, 1, "synflow")
+
+
+def synflow_l2_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext) -> Scores:
+    """SynFlow-L2 (Gebhart et al. 2021, "A unified paths perspective for pruning
+    at initialization"): R = sum of the output of the network whose parameters
+    and buffers are *squared*, on an all-ones input, i.e. the sum over paths of
+    ``v_p^2`` (the trace of the path kernel); score ``|theta^2 * dR/d(theta^2)|``
+    = ``|dR/dm|`` with masked weights ``theta^2 * m``, half of ``|theta *
+    dR/dtheta|`` (the same ranking). BatchNorm in eval mode, as SynFlow;
+    ``ctx.synflow_dtype`` (float64). PX's public code scores its SynFlow-L2
+    as ``|theta| * |dR/d(theta^2)|`` instead (another ranking); this follows
+    the papers."""
+    return _synaptic_flow(model, masks, ctx, 2, "synflow_l2")
+
+
+# -- PX ----------------------------------------------------------------------------------
+def px_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext) -> Scores:
+    """PX, Path eXclusion (Iurada, Ciccone, Tommasi, CVPR 2024): preserve the
+    upper bound ``R = sum_n z1(x_n) . z2`` of the NTK trace and score
+
+        S(theta_j) = | dR / d(theta_j^2) | theta_j^2  = | dR/dm_j |
+
+    ``z1(x)`` (data-dependent, no gradient): the network with every weight 1
+    (times the mask), every bias 0, every BatchNorm the identity, each ReLU
+    replaced by the gate ``1[pre-activation > 0]`` of the real masked network
+    on ``x`` (BatchNorm in eval mode, as PX's code), fed ``x^2``; ``z2``
+    (data-independent, the path kernel): the network with every ReLU removed,
+    every weight squared (masked weights ``theta^2 * m``), BatchNorm scaling by
+    its eval scale squared, biases 0, fed ones, as in SynFlow (one input: with
+    BatchNorm in eval mode it is the same for every example). Outputs are
+    flattened per example; ``x`` runs over one pass of ``ctx.data`` (the paper:
+    10 examples per class, class-balanced, fixed). The copies run in
+    ``ctx.synflow_dtype`` (float64: an all-ones VGG-16 overflows float32).
+    See :mod:`ntksap.paths` for the decomposition and what it refuses.
+
+    Choices where the paper and PX's public code (iurada/px-ntk-pruning)
+    differ, this follows the paper: ``z1`` is fed ``x^2`` (their code fed ``x``
+    until February 2025, their issue #6); the prune set is class-balanced
+    (their launch script draws 2 random batches; issue #7; the stage uses
+    :func:`ntksap.data.prune_batches`). Where the paper is silent: biases
+    are 0 in both copies (the paths start at the input); every layer,
+    classifier included, is squared / set to one (their latest code skips
+    parameters whose names contain ``bn`` or ``fc``); max-pooling runs as it
+    is in the copies (as their code), not gated by the real network's argmax.
+    """
+    cl, dtype = ctx.channels_last, ctx.synflow_dtype
+    params, buffers = model_tensors(model, ctx.device, channels_last=cl)
+    live = {n: to_format(m.to(params[n]), cl) for n, m in masks.items()}
+    real = masked_params(params, live)
+    wide, wide_buffers = model_tensors(model, ctx.device, dtype=dtype, channels_last=cl)
+    ones, ones_buffers = path_tensors(model, wide, wide_buffers, "one")
+    ones = masked_params(ones, {n: m.to(dtype) for n, m in live.items()})
+    squares, squares_buffers = path_tensors(model, wide, wide_buffers, "square")
+
+    weight = None   # sum over the prune set of z1, per output unit
+    with torch.no_grad():
+        for x, _ in ctx.batches(method="px"):
+            with relu_gates("record", [], "px") as gates:
+                call(model, real, buffers, x)
+            with relu_gates("replay", gates, "px"):
+                z1 = call(model, ones, ones_buffers, x.to(dtype) ** 2)
+            z1 = z1.reshape(z1.shape[0], -1).sum(0)
+            weight = z1 if weight is None else weight + z1
+    m = _leaf_masks(masks, squares, cl)
+    with relu_gates("linear", [], "px"):
+        z2 = call(model, masked_params(squares, m), squares_buffers,
+                  to_format(torch.ones((1, *ctx.input_shape), dtype=dtype, device=ctx.device), cl))
+    (z2.reshape(-1) * weight).sum().backward()
+    return {n: g.abs() for n, g in mask_grads(m, "px").items()}
 
 
 # -- NTK-SAP ------------------------------------------------------------------------
@@ -396,7 +494,11 @@ def ntksap_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreConte
 class Method:
     """A pruning method: its score function, the paper's defaults, and how
     BatchNorm behaves while it scores (``bn_mode``, one of ``bn_modes``, which
-    are the :data:`BN_MODES` a user may choose instead).
+    are the :data:`BN_MODES` a user may choose instead). ``check(model)``, if
+    given, refuses a model the method cannot score (a ``ValueError``), before
+    any work; ``prune_set``, if given, is the prune set of the method's paper
+    (``balanced`` or ``random``, ``prune.prune_set`` of ``params.yaml``), which
+    the pipeline uses unless a run says otherwise.
 
     Calling it scores in that mode (:func:`scoring_mode`) and leaves the
     model's modules as it found them: ``METHODS["snip"](model, masks, ctx)``.
@@ -409,6 +511,8 @@ class Method:
     defaults: dict = field(default_factory=dict)
     bn_mode: str = "train"
     bn_modes: tuple[str, ...] = ("train", "eval")
+    check: Callable[[nn.Module], None] | None = None
+    prune_set: str | None = None
 
     def __call__(self, model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext) -> Scores:
         mode = ctx.bn_mode or self.bn_mode
@@ -430,8 +534,16 @@ METHODS: dict[str, Method] = {
                       bn_mode="eval"),
     "ntksap": Method(ntksap_scores, 20, False, "NTK-SAP, eq. 10 (Wang et al. 2023)",
                      {"rounds": 5, "epsilon": 0.01}, bn_mode="unperturbed", bn_modes=BN_MODES),
+    # beyond the paper
+    "random_erk": Method(erk_scores, 1, False, "random, ERK layer-wise densities (Evci et al. 2020)"),
+    "synflow_l2": Method(synflow_l2_scores, 100, False, "synaptic flow on theta^2 (Gebhart et al. 2021)",
+                         bn_mode="eval"),
+    "px": Method(px_scores, 100, True, "PX, NTK-trace bound over ReLU paths (Iurada et al. 2024)",
+                 bn_mode="eval", bn_modes=("eval",), check=check_relu_network, prune_set="balanced"),
 }
 """The methods by name. BatchNorm while scoring, as the authors' code runs
 them (PAPER.md section 3): random, magnitude, SNIP, iterative SNIP and GraSP in
 train mode (batch statistics; ``--prune-train-mode True`` of their script),
-SynFlow in eval mode, NTK-SAP with the unperturbed network's statistics."""
+SynFlow in eval mode, NTK-SAP with the unperturbed network's statistics.
+Beyond the paper: random with ERK densities, SynFlow-L2 (eval mode, as
+SynFlow) and PX (eval mode, as its code)."""

@@ -209,7 +209,18 @@ CONF = ROOT / "ntksap" / "conf"
 
 
 def _experiment_file(name):
-    return yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text())
+    """A set's own file, merged over the set it extends (a default naming
+    another set, as cifar10_resnet20_extended does): its defaults first, then
+    each key, mappings merged one level down."""
+    own = yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text())
+    for parent in [d for d in own["defaults"] if isinstance(d, str) and d in experiment_sets()]:
+        base = _experiment_file(parent)
+        merged = {**base, **own, "defaults": base["defaults"] + own["defaults"]}
+        for key, value in own.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                merged[key] = {**base[key], **value}
+        own = merged
+    return own
 
 
 @pytest.mark.parametrize("name", sorted(experiment_sets()))
@@ -321,7 +332,7 @@ def test_messages_name_source_key_value_allowed_and_the_closest_name(quick):
     lines = str(exc.value).splitlines()
     assert lines == [   # every bad key, in the schema's order, one line each
         "my.yaml: runs.snip.method='snipp' is not allowed (did you mean 'snip'?); allowed: one of random, "
-        "magnitude, snip, iterative_snip, grasp, synflow, ntksap, dense",
+        "magnitude, snip, iterative_snip, grasp, synflow, ntksap, random_erk, synflow_l2, px, dense",
         "my.yaml: prune.track.mode='spectra' is not allowed (did you mean 'spectrum'?); allowed: one of spectrum, "
         "trace, none",
         "my.yaml: train.lr=-0.1 is not allowed; allowed: a number > 0",
@@ -386,3 +397,28 @@ def test_the_resnet20_sets_record_full_spectra_while_pruning_and_the_big_ones_a_
             assert cfg.prune.track.mode == "spectrum", name
         elif cfg.model in ("vgg16_bn", "resnet18_tiny", "resnet18_imagenet_stem", "resnet18", "resnet50"):
             assert cfg.prune.track.mode == "trace", name
+
+
+def test_the_extended_figure1_set_adds_the_new_methods_to_the_paper_protocol():
+    ext = parse_params(compose("cifar10_resnet20_extended"))
+    full = parse_params(compose("cifar10_resnet20"))
+    assert {n: r for n, r in ext.runs.items() if n in full.runs} == full.runs
+    assert {r.method for n, r in ext.runs.items() if n not in full.runs} == {"random_erk", "synflow_l2", "px"}
+    assert ext.model_dump(exclude={"experiment", "runs"}) == full.model_dump(exclude={"experiment", "runs"})
+    assert ext.prune_set("px") == "balanced"          # PX's paper: 10 per class, class-balanced
+    assert ext.prune_set("snip") == "random"          # the paper's baselines as the authors draw it
+    assert ext.runs["px"].iterations == ext.runs["synflow_l2"].iterations == 100
+    assert [ext.label(n) for n in ("random_erk", "synflow_l2", "px")] == ["Random (ERK)", "SynFlow-L2", "PX"]
+
+
+def test_a_run_may_choose_its_prune_set_and_a_data_free_one_may_not():
+    p = compose("quick")
+    p["runs"] = {"snip": {"method": "snip", "prune_set": "random"}, "px": {"method": "px"}}
+    cfg = parse_params(p)
+    assert (cfg.prune.prune_set, cfg.prune_set("snip"), cfg.prune_set("px")) == ("balanced", "random", "balanced")
+    p["runs"] = {"synflow": {"method": "synflow", "prune_set": "random"}}
+    with pytest.raises(ParamsError, match="runs.synflow.prune_set='random' is not allowed for method 'synflow'"):
+        parse_params(p)
+    p["runs"] = {"px": {"method": "px", "prune_set": "fixed"}}
+    with pytest.raises(ParamsError, match="runs.px.prune_set"):
+        parse_params(p)

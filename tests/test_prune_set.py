@@ -258,3 +258,20 @@ def test_prune_with_the_random_set_depends_on_seed_alone_not_on_the_callers_rng(
     other = ntksap.prune(copy.deepcopy(base), "iterative_snip", 0.9, data=loader, iterations=3, seed=6,
                          progress=False)
     assert any(not torch.equal(runs[0][n], other[n]) for n in other)  # the seed does reach the passes
+
+
+def test_px_reads_its_papers_balanced_set_where_the_experiment_draws_random(tmp_path, monkeypatch):
+    from ntksap.stages import prune as prune_stage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NTKSAP_DATA_ROOT", str(Path(__file__).resolve().parents[1] / "data"))  # the digits cache
+    params = config.compose("micro", ["prune.track.mode=none", "prune.prune_set=random"])
+    params["runs"] = {"px": {"method": "px", "iterations": 2}, "snip": {"method": "snip"}}
+    cfg = parse_params(params)
+    made = []
+    for name in ("prune_batches", "prune_loader"):
+        real = getattr(data, name)
+        monkeypatch.setattr(data, name, lambda *a, _real=real, _name=name, **k: made.append(_name) or _real(*a, **k))
+    prune_stage.prune_run(cfg, "px", 0, tmp_path / "px")
+    prune_stage.prune_run(cfg, "snip", 0, tmp_path / "snip")
+    assert made == ["prune_batches", "prune_loader"]

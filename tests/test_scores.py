@@ -12,7 +12,7 @@ import ntksap
 from ntksap.masks import Masks
 from ntksap.models import kaiming_init
 from ntksap.scores import (ScoreContext, grasp_scores, magnitude_scores, ntksap_batch_mask_grad, snip_scores,
-                           synflow_scores)
+                           synflow_l2_scores, synflow_scores)
 from conftest import TinyConvBN, TinyMLP
 from reference import ntksap_batch_grad_reference
 
@@ -202,3 +202,67 @@ def test_scoring_leaves_a_module_under_two_names_as_it_was(method):
     assert model.b is model.a
     for n, p in model.named_parameters():
         assert p is before[n][0] and torch.equal(p.detach(), before[n][1]), n
+
+
+def test_synflow_l2_matches_closed_form_on_a_linear_network_with_biases():
+    """R = 1^T (W3^2 (W2^2 (W1^2 1 + b1^2) + b2^2) + b3^2): the score of W_l is
+    W_l^2 * dR/d(W_l^2) = W_l^2 * outer(1^T W_L^2 ... W_{l+1}^2, h_{l-1}), h the
+    squared network's activations on the all-ones input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    masks = some_masks(model, seed=3)
+    s = synflow_l2_scores(model, masks, ScoreContext(device=CPU, input_shape=(4,)))
+    layers = [model[0], model[2], model[4]]
+    W = [(m.weight.detach().double() * masks[f"{i}.weight"].double()).numpy() ** 2 for m, i in zip(layers, (0, 2, 4))]
+    b = [m.bias.detach().double().numpy() ** 2 for m in layers]
+    h = [np.ones(4)]
+    for k in range(3):
+        h.append(W[k] @ h[-1] + b[k])
+    for layer, i in zip(range(3), (0, 2, 4)):
+        left = np.ones(3)
+        for k in range(2, layer, -1):
+            left = left @ W[k]
+        expected = W[layer] * np.outer(left, h[layer])
+        got = s[f"{i}.weight"].numpy() * masks[f"{i}.weight"].numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def erk_closed_form(shapes, density):
+    """Kept weights per layer under ERK (RigL's sparse_utils): densities
+    eps * sum(shape) / prod(shape), eps solving the total, layers whose density
+    would exceed 1 made dense and eps solved again over the rest."""
+    n = {k: int(np.prod(s)) for k, s in shapes.items()}
+    raw = {k: sum(s) / n[k] for k, s in shapes.items()}
+    total, dense = density * sum(n.values()), set()
+    while True:
+        free = [k for k in shapes if k not in dense]
+        eps = (total - sum(n[k] for k in dense)) / sum(raw[k] * n[k] for k in free)
+        over = [k for k in free if eps * raw[k] > 1]
+        if not over:
+            return {k: n[k] if k in dense else eps * raw[k] * n[k] for k in shapes}
+        dense.update(over)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
+def test_random_erk_keeps_the_erk_layer_densities(sparsity):
+    torch.manual_seed(0)
+    model = ntksap.build_model("resnet20")
+    masks = ntksap.prune(model, "random_erk", sparsity, input_shape=(3, 32, 32), progress=False, apply=False)
+    expected = erk_closed_form({n: tuple(m.shape) for n, m in masks.items()}, 1 - sparsity)
+    assert sparsity > 0.6 or any(expected[n] == masks[n].numel() for n in masks)  # a dense layer at 50 %
+    for n, m in masks.items():
+        assert abs(m.sum().item() - expected[n]) <= 1.0 + 1e-6, n
+
+
+def test_random_erk_is_seeded_and_uniform_within_a_layer():
+    model = ntksap.build_model("resnet20")
+    kw = dict(input_shape=(3, 32, 32), progress=False, apply=False)
+    a = ntksap.prune(model, "random_erk", 0.9, seed=1, **kw)
+    b = ntksap.prune(model, "random_erk", 0.9, seed=1, **kw)
+    c = ntksap.prune(model, "random_erk", 0.9, seed=2, **kw)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    w = "blocks.8.conv1.weight"
+    assert not torch.equal(a[w], c[w]) and a[w].sum() == c[w].sum()
+    # kept positions spread over the layer: each quarter holds about a quarter of them
+    quarters = a[w].reshape(4, -1).sum(1)
+    assert (quarters - quarters.mean()).abs().max() < 4 * quarters.mean().sqrt() + 1

@@ -91,7 +91,7 @@ def prune_run(cfg: Params, run: str, seed: int, out_dir: str | os.PathLike, devi
     model.to(device)  # the NTK snapshots run where the model is
     needs_data = (method in METHODS and METHODS[method].needs_data) or cfg.runs[run].inputs == "data"
     data = None
-    if needs_data and cfg.prune.prune_set == "random":  # the authors' way: new order and crops every pass, on CPU
+    if needs_data and cfg.prune_set(run) == "random":  # the authors' way: new order and crops every pass, on CPU
         data = prune_loader(bundle, per_class=cfg.prune.per_class, batch_size=cfg.prune.batch_size, seed=seed)
     elif needs_data:  # balanced: class-balanced, fixed, unaugmented
         data = prune_batches(bundle, per_class=cfg.prune.per_class, batch_size=cfg.prune.batch_size, seed=seed,
