@@ -85,14 +85,14 @@ def px_by_paths(model: MLP, masks, xs):
     return scores
 
 
-def test_px_matches_an_explicit_sum_over_paths():
+def test_px_with_eval_batchnorm_matches_an_explicit_sum_over_paths():
     torch.manual_seed(0)
     model = nontrivial_bn(MLP())
     masks = random_masks(model, seed=1)
     g = torch.Generator().manual_seed(2)
     xs = torch.randn(7, 3, generator=g, dtype=torch.float64)
     data = [(xs[:4].float(), torch.zeros(4, dtype=torch.long)), (xs[4:].float(), torch.zeros(3, dtype=torch.long))]
-    got = METHODS["px"](model, masks, ScoreContext(device=CPU, input_shape=(3,), data=data))
+    got = METHODS["px"](model, masks, ScoreContext(device=CPU, input_shape=(3,), data=data, bn_mode="eval"))
     expected = px_by_paths(model, masks, xs.float().double())
     for n in expected:
         alive = masks[n] != 0
@@ -118,11 +118,12 @@ class ConvRes(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def px_by_deep_copies(model, masks, data):
-    """PX with three deep copies of a ConvRes and hooks on its ReLUs."""
+def px_by_deep_copies(model, masks, data, bn="train"):
+    """PX with three deep copies of a ConvRes and its own interception of
+    ReLU: the real one in eval mode, the two path copies in ``bn`` mode."""
     real = copy.deepcopy(model).double().eval()
-    jvf = copy.deepcopy(model).double().eval()
-    pk = copy.deepcopy(model).double().eval()
+    jvf = copy.deepcopy(model).double().train(bn == "train")
+    pk = copy.deepcopy(model).double().train(bn == "train")
     with torch.no_grad():
         for (name, r), j, p in zip(real.named_modules(), jvf.modules(), pk.modules()):
             if isinstance(r, (nn.Conv2d, nn.Linear)):
@@ -133,6 +134,11 @@ def px_by_deep_copies(model, masks, data):
                 if r.bias is not None:
                     j.bias.zero_()
                     p.bias.zero_()
+            elif isinstance(r, nn.BatchNorm2d) and bn == "train":   # batch statistics, weight 1 / gamma^2
+                j.weight.fill_(1.0)
+                p.weight.copy_(r.weight ** 2)
+                j.bias.zero_()
+                p.bias.zero_()
             elif isinstance(r, nn.BatchNorm2d):
                 s = r.weight / torch.sqrt(r.running_var + r.eps)
                 for c, scale in ((j, torch.ones_like(s)), (p, s ** 2)):
@@ -175,19 +181,21 @@ def px_by_deep_copies(model, masks, data):
             if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
+@pytest.mark.parametrize("bn", ["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_px_matches_deep_copies_on_a_residual_conv_net(channels_last):
+def test_px_matches_deep_copies_on_a_residual_conv_net(channels_last, bn):
     torch.manual_seed(0)
     model = nontrivial_bn(ConvRes())
     masks = random_masks(model, seed=4)
     g = torch.Generator().manual_seed(5)
     data = [(torch.randn(5, 2, 6, 6, generator=g), torch.zeros(5, dtype=torch.long)) for _ in range(2)]
     got = METHODS["px"](model, masks, ScoreContext(device=CPU, input_shape=(2, 6, 6), data=data,
-                                                  channels_last=channels_last))
-    expected = px_by_deep_copies(model, masks, data)
+                                                  channels_last=channels_last, bn_mode=bn))
+    expected = px_by_deep_copies(model, masks, data, bn)
+    top = max(e.max() for e in expected.values())  # train mode: a few scores cancel to ~1e-15 of the largest
     for n in expected:
         alive = masks[n] != 0
-        torch.testing.assert_close(got[n][alive], expected[n][alive], rtol=1e-6, atol=0)
+        torch.testing.assert_close(got[n][alive], expected[n][alive], rtol=1e-6, atol=1e-12 * top.item())
 
 
 def test_px_prunes_resnet20_deterministically_and_leaves_the_model_as_it_was():
@@ -256,9 +264,35 @@ def test_px_refuses_a_nonlinearity_called_as_a_function():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(), "data=None is not allowed for method='px'"),
-    (dict(data=[(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))], bn_mode="train"), "bn_mode='train'"),
+    (dict(data=[(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))], bn_mode="unperturbed"),
+     "bn_mode='unperturbed'"),
 ])
 def test_px_refuses_bad_arguments(kw, match):
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=match):
         ntksap.prune(model, "px", 0.5, input_shape=(3,), progress=False, **kw)
+
+
+def test_px_in_train_mode_refuses_a_batchnorm_it_cannot_normalise_one_input_with():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    data = [(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(ValueError, match="px: bn_mode='train' .* allowed: bn_mode='eval'"):
+        ntksap.prune(model, "px", 0.5, data=data, progress=False)
+    ntksap.prune(model, "px", 0.5, data=data, progress=False, bn_mode="eval")
+
+
+def test_px_in_train_mode_keeps_resnet20s_last_residual_branches_and_in_eval_mode_drops_them():
+    """The BatchNorm of the path copies decides ResNet-20's layer profile at
+    98.2 %: batch statistics (PX's code) keep weights in every layer; eval-mode
+    BatchNorm (the exact path decomposition) keeps only the shortcut of the last
+    stage, as SynFlow-L2 does."""
+    torch.manual_seed(0)
+    model = ntksap.build_model("resnet20")
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(20, 3, 32, 32, generator=g), torch.arange(10).repeat(2))]
+    kw = dict(data=data, iterations=10, progress=False, apply=False)
+    train = ntksap.prune(copy.deepcopy(model), "px", 0.982, **kw)
+    ev = ntksap.prune(copy.deepcopy(model), "px", 0.982, bn_mode="eval", **kw)
+    last = [n for n in train if n.startswith(("blocks.7.", "blocks.8."))]
+    assert all(train[n].sum() > 0 for n in train)
+    assert all(ev[n].sum() == 0 for n in last)
