@@ -87,7 +87,7 @@ class Run(Section):
         "random_erk, synflow_l2, px (beyond the paper), or dense (not pruned; a reference line)", strict=True)
     iterations: Annotated[int | None, NullMeans("the method's paper default")] = knob(
         None, "pruning iterations T (paper: 1 for single-shot methods, 100 for SynFlow and iterative SNIP, NTK-SAP "
-        "20 on CIFAR-10 and 100 elsewhere; null = that default)", strict=True, ge=1)
+        "20 on CIFAR-10 and 100 elsewhere; SynFlow-L2 and PX 100; null = that default)", strict=True, ge=1)
     rounds: Annotated[int | None, NullMeans("the paper's default, 5")] = knob(
         None, "NTK-SAP resampling rounds R per iteration (paper: 5 on CIFAR-10, 1 elsewhere)", strict=True, ge=1)
     epsilon: Annotated[float | None, NullMeans("the paper's default, 0.01")] = knob(
@@ -101,7 +101,7 @@ class Run(Section):
         None, "BatchNorm while scoring: train (batch statistics), eval (running statistics) or, for NTK-SAP, "
         "unperturbed (the unperturbed net's batch statistics in both passes, taken in the unperturbed pass) or "
         "unperturbed_two_pass (the same from a separate statistics pass first, as the authors' code); null = the "
-        "method's own: eval for SynFlow, unperturbed for NTK-SAP, train otherwise", strict=True)
+        "method's own: eval for SynFlow, SynFlow-L2 and PX, unperturbed for NTK-SAP, train otherwise", strict=True)
     prune_set: Annotated[Literal["balanced", "random"] | None, NullMeans("the method's own, else prune.prune_set")] = knob(
         None, "prune set of a data-driven method: balanced or random (see prune.prune_set); null = the method's "
         "paper's (balanced for PX), else prune.prune_set")

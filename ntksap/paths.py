@@ -111,18 +111,14 @@ def check_relu_network(model: nn.Module, method: str = "px") -> None:
 
 
 def path_tensors(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                 weight: str, bn: str = "eval") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                 weight: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``(params, buffers)`` of a copy of ``model`` whose path weights are
     ``weight``: ``"one"`` (every Conv/Linear/Embedding weight 1, every
     BatchNorm the identity) or ``"square"`` (every weight squared, every
     BatchNorm scaling by its eval-mode scale squared, ``(gamma / sqrt(var +
     eps))^2``). Every bias and BatchNorm shift is 0, so only paths from the
     input remain. A BatchNorm gets mean 0 and a weight (or, without affine
-    parameters, a running variance) that gives that scale in eval mode; with
-    ``bn="train"`` (the copy normalises with batch statistics) it keeps its
-    statistics and gets weight 1 (``one``) or ``gamma^2`` (``square``)."""
-    if bn not in ("eval", "train"):
-        raise ValueError(f"bn={bn!r} is not allowed; allowed: 'eval' or 'train'")
+    parameters, a running variance) that gives that scale in eval mode."""
     if weight not in ("one", "square"):
         raise ValueError(f"weight={weight!r} is not allowed; allowed: 'one' or 'square'")
     p, b = dict(params), dict(buffers)
@@ -133,11 +129,6 @@ def path_tensors(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
             if w is not None:
                 p[pre + "weight"] = torch.ones_like(w) if weight == "one" else w * w
             if pre + "bias" in p:
-                p[pre + "bias"] = torch.zeros_like(p[pre + "bias"])
-        elif isinstance(mod, _BatchNorm) and bn == "train":
-            if pre + "weight" in p:
-                w = p[pre + "weight"]
-                p[pre + "weight"] = torch.ones_like(w) if weight == "one" else w * w
                 p[pre + "bias"] = torch.zeros_like(p[pre + "bias"])
         elif isinstance(mod, _BatchNorm) and pre + "running_var" in b:
             var = b[pre + "running_var"]

@@ -207,18 +207,22 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
     the threshold, as the authors' code does (:data:`COUNT_RULES`).
 
     ``None`` options take the method's defaults from the paper: ``iterations``
-    (T: 20 for NTK-SAP, 100 for SynFlow and iterative SNIP, 1 otherwise),
+    (T: 20 for NTK-SAP, 100 for SynFlow, SynFlow-L2, PX and iterative SNIP,
+    1 otherwise),
     ``rounds`` (R = 5) and ``epsilon`` (0.01) for NTK-SAP, ``num_samples`` = 10 x
     the number of outputs, ``bn_mode`` (:data:`ntksap.scores.BN_MODES`) the
     method's own: BatchNorm in train mode (batch statistics) for random,
     magnitude, SNIP, iterative SNIP and GraSP, eval mode (running statistics)
-    for SynFlow, the unperturbed network's batch statistics for NTK-SAP; every
-    other module scores in eval mode. The caller's model is left in the modes
+    for SynFlow, SynFlow-L2 and PX, the unperturbed network's batch
+    statistics for NTK-SAP; every
+    other module scores in eval mode. A method's ``check`` (PX: a ReLU
+    network) runs before any work. The caller's model is left in the modes
     (and with the buffers) it had, so masks do not depend on ``model.train()``
     or ``model.eval()`` before the call.
 
     ``data`` (an iterable of (inputs, targets)) is required by snip,
-    iterative_snip and grasp; it is iterated once per pruning iteration (a
+    iterative_snip, grasp and px (its paper: 10 per class, class-balanced,
+    :func:`ntksap.data.prune_batches`); it is iterated once per pruning iteration (a
     shuffling loader, such as :func:`ntksap.data.prune_loader`, re-draws) and
     moved to the scoring device one batch at a time. ``input_shape`` (one
     input's shape) is required by the others, or taken from ``data``.

@@ -327,66 +327,55 @@ def px_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext) 
         S(theta_j) = | dR / d(theta_j^2) | theta_j^2  = | dR/dm_j |
 
     ``z1(x)`` (data-dependent, no gradient): the network with every weight 1
-    (times the mask), every bias 0, each ReLU replaced by the gate
-    ``1[pre-activation > 0]`` of the real masked network on ``x`` (BatchNorm
-    in eval mode, as PX's code), fed ``x^2``; ``z2`` (data-independent, the
-    path kernel): the network with every ReLU removed, every weight squared
-    (masked weights ``theta^2 * m``), biases 0, fed ones, as in SynFlow (one
-    input: the same for every example). Outputs are flattened per example;
-    ``x`` runs over one pass of ``ctx.data`` (the paper: 10 examples per
-    class, class-balanced, fixed). BatchNorm in the two copies
-    (``ctx.bn_mode``): ``train`` (the default, as PX's public code) normalises
-    each copy with its own batch statistics (BN weight 1 in ``z1``,
-    ``gamma^2`` in ``z2``, shifts 0; the gradient runs through them);
-    ``eval`` makes each BatchNorm the linear map of its running statistics,
-    the identity in ``z1`` and its scale squared in ``z2``: the exact path
-    decomposition, in which ResNet-20's last residual branches lose every
-    weight at 95.6 % sparsity (README, "Beyond the paper"). The copies run in
-    ``ctx.synflow_dtype`` (float64: an all-ones VGG-16 overflows float32).
-    See :mod:`ntksap.paths` for the gates and what PX refuses.
+    (times the mask), every bias 0, every BatchNorm the identity, each ReLU
+    replaced by the gate ``1[pre-activation > 0]`` of the real masked network
+    on ``x`` (BatchNorm in eval mode, as PX's code), fed ``x^2``; ``z2``
+    (data-independent, the path kernel): the network with every ReLU removed,
+    every weight squared (masked weights ``theta^2 * m``), each BatchNorm
+    scaling by its eval-mode scale squared, biases 0, fed ones, as in SynFlow
+    (one input: the same for every example). Outputs are flattened per
+    example; ``x`` runs over one pass of ``ctx.data`` (the paper: 10 examples
+    per class, class-balanced, fixed). The copies run in ``ctx.synflow_dtype``
+    (float64: an all-ones VGG-16 overflows float32). See :mod:`ntksap.paths`
+    for the decomposition and what PX refuses.
 
     Where the paper and PX's public code (iurada/px-ntk-pruning) differ, this
-    follows the paper: ``z1`` is fed ``x^2`` (their code fed ``x`` until
-    February 2025, their issue #6) and has all weights 1; the prune set is
-    class-balanced (their launch script draws 2 random batches, issue #7; the
-    pipeline gives PX :func:`ntksap.data.prune_batches`). Where the paper is
-    silent: biases are 0 in both copies (paths start at the input); every
-    layer, classifier included, is squared / set to one (their latest code
-    skips parameters whose names contain ``bn`` or ``fc``); max-pooling runs
-    as it is in the copies (as their code), not gated by the real argmax.
+    follows the paper: ``z1`` is fed ``x^2`` with every weight 1 (their code
+    fed ``x`` with the real weights until February 2025, their issue #6); the
+    prune set is class-balanced (their launch script draws 2 random batches,
+    issue #7; the pipeline gives PX :func:`ntksap.data.prune_batches`). Where
+    the paper is silent: BatchNorm in both copies is the linear map of its
+    running statistics (eval mode), the exact path decomposition; their code
+    runs the copies in train mode, where a BatchNorm makes each channel of the
+    all-ones input's activations zero-mean, so global average pooling gives
+    exactly 0 and ``z2`` is rounding noise. Biases are 0 in both copies (paths
+    start at the input); every layer, classifier included, is squared / set to
+    one (their latest code skips parameters whose names contain ``bn`` or
+    ``fc``); max-pooling runs as it is in the copies (as their code), not
+    gated by the real network's argmax.
     """
-    cl, dtype, bn = ctx.channels_last, ctx.synflow_dtype, ctx.bn_mode or "train"
+    cl, dtype = ctx.channels_last, ctx.synflow_dtype
     params, buffers = model_tensors(model, ctx.device, channels_last=cl)
     live = {n: to_format(m.to(params[n]), cl) for n, m in masks.items()}
     real = masked_params(params, live)
     wide, wide_buffers = model_tensors(model, ctx.device, dtype=dtype, channels_last=cl)
-    ones, ones_buffers = path_tensors(model, wide, wide_buffers, "one", bn)
+    ones, ones_buffers = path_tensors(model, wide, wide_buffers, "one")
     ones = masked_params(ones, {n: m.to(dtype) for n, m in live.items()})
-    squares, squares_buffers = path_tensors(model, wide, wide_buffers, "square", bn)
-
-    def copy_of(b):  # a train-mode pass updates the running statistics it is given
-        return {k: v.clone() for k, v in b.items()} if bn == "train" else b
+    squares, squares_buffers = path_tensors(model, wide, wide_buffers, "square")
 
     weight = None   # sum over the prune set of z1, per output unit
     with torch.no_grad():
         for x, _ in ctx.batches(method="px"):
-            with scoring_mode(model, "eval"), relu_gates("record", [], "px") as gates:
+            with relu_gates("record", [], "px") as gates:
                 call(model, real, buffers, x)
-            with scoring_mode(model, bn), relu_gates("replay", gates, "px"):
-                z1 = call(model, ones, copy_of(ones_buffers), x.to(dtype) ** 2)
+            with relu_gates("replay", gates, "px"):
+                z1 = call(model, ones, ones_buffers, x.to(dtype) ** 2)
             z1 = z1.reshape(z1.shape[0], -1).sum(0)
             weight = z1 if weight is None else weight + z1
     m = _leaf_masks(masks, squares, cl)
-    one = to_format(torch.ones((1, *ctx.input_shape), dtype=dtype, device=ctx.device), cl)
-    try:
-        with scoring_mode(model, bn), relu_gates("linear", [], "px"):
-            z2 = call(model, masked_params(squares, m), copy_of(squares_buffers), one)
-    except ValueError as exc:
-        if "more than 1 value per channel" not in str(exc):
-            raise
-        raise ValueError(f"px: bn_mode='train' normalises the path kernel's single all-ones input by its own "
-                         f"statistics, which a BatchNorm without spatial dimensions cannot ({exc}); allowed: "
-                         "bn_mode='eval' for this model") from None
+    with relu_gates("linear", [], "px"):
+        z2 = call(model, masked_params(squares, m), squares_buffers,
+                  to_format(torch.ones((1, *ctx.input_shape), dtype=dtype, device=ctx.device), cl))
     (z2.reshape(-1) * weight).sum().backward()
     return {n: g.abs() for n, g in mask_grads(m, "px").items()}
 
@@ -555,12 +544,12 @@ METHODS: dict[str, Method] = {
     "synflow_l2": Method(synflow_l2_scores, 100, False, "synaptic flow on theta^2 (Gebhart et al. 2021)",
                          bn_mode="eval"),
     "px": Method(px_scores, 100, True, "PX, NTK-trace bound over ReLU paths (Iurada et al. 2024)",
-                 check=check_relu_network, prune_set="balanced"),
+                 bn_mode="eval", bn_modes=("eval",), check=check_relu_network, prune_set="balanced"),
 }
 """The methods by name. BatchNorm while scoring, as the authors' code runs
 them (PAPER.md section 3): random, magnitude, SNIP, iterative SNIP and GraSP in
 train mode (batch statistics; ``--prune-train-mode True`` of their script),
 SynFlow in eval mode, NTK-SAP with the unperturbed network's statistics.
 Beyond the paper: random with ERK densities, SynFlow-L2 (eval mode, as
-SynFlow) and PX (its two copies in train mode, its ReLU gates from the network
-in eval mode, as PX's code)."""
+SynFlow) and PX (eval mode: its ReLU gates as PX's code, its path copies as
+the exact decomposition)."""
