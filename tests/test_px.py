@@ -296,3 +296,26 @@ def test_px_leaves_resnet20s_last_residual_branches_empty_at_high_sparsity_as_sy
     for m in (masks, l2):
         assert all(m[n].sum() == 0 for n in m if n.startswith(("blocks.7.", "blocks.8.")))
         assert all(m[n].sum() > 0 for n in ("conv.weight", "blocks.6.shortcut.0.weight", "fc.weight"))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_path_tensors_make_batchnorm_the_identity_or_its_scale_squared(affine):
+    from ntksap.functional import call, model_tensors
+    from ntksap.paths import path_tensors
+
+    bn = nn.BatchNorm1d(3, affine=affine).double().eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        bn.running_var.copy_(torch.tensor([0.25, 4.0, 1.5]))
+        if affine:
+            bn.weight.copy_(torch.tensor([2.0, -0.5, 1.0]))
+            bn.bias.copy_(torch.tensor([1.0, 1.0, -3.0]))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    gamma = bn.weight.detach() if affine else torch.ones(3, dtype=torch.float64)
+    scale = gamma / torch.sqrt(bn.running_var + bn.eps)
+    params, buffers = model_tensors(bn)
+    for weight, expected in (("one", x), ("square", x * scale ** 2)):
+        p, b = path_tensors(bn, params, buffers, weight)
+        torch.testing.assert_close(call(bn, p, b, x), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="weight='cube'"):
+        path_tensors(bn, params, buffers, "cube")
