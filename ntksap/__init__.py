@@ -1,4 +1,4 @@
-"""ntksap: foresight pruning with NTK-SAP (Wang, Li & Sun, ICLR 2023) and its baselines.
+"""ntksap: foresight pruning with NTK-SAP (Wang, Li & Sun, ICLR 2023), its baselines and its successors.
 
 The whole public surface::
 
@@ -8,7 +8,8 @@ The whole public surface::
     masks.save("mask.pt"); ntksap.Masks.load("mask.pt")
 
 Modules, one job each. The library: ``masks`` (mask sets), ``scores`` (one
-score function per method and the registry ``METHODS``), ``pruning`` (the
+score function per method and the registry ``METHODS``), ``paths`` (the
+ReLU-path copies of a network that PX scores with), ``pruning`` (the
 iterative loop and ``prune``), ``functional`` (the masked functional forward
 that scores and ntk share), ``models`` (the paper's networks), ``data``
 (datasets and device-side loaders), ``augment`` (training augmentation on
