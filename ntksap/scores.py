@@ -358,7 +358,8 @@ def px_scores(model: nn.Module, masks: Mapping[str, Tensor], ctx: ScoreContext) 
     params, buffers = model_tensors(model, ctx.device, channels_last=cl)
     live = {n: to_format(m.to(params[n]), cl) for n, m in masks.items()}
     real = masked_params(params, live)
-    wide, wide_buffers = model_tensors(model, ctx.device, dtype=dtype, channels_last=cl)
+    wide = {n: t.to(dtype) for n, t in params.items()}     # the copies' precision, same layout
+    wide_buffers = {n: t.to(dtype) if t.is_floating_point() else t for n, t in buffers.items()}
     ones, ones_buffers = path_tensors(model, wide, wide_buffers, "one")
     ones = masked_params(ones, {n: m.to(dtype) for n, m in live.items()})
     squares, squares_buffers = path_tensors(model, wide, wide_buffers, "square")
