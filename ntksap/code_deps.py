@@ -239,22 +239,29 @@ def source_digest(modules: Iterable[str], root: str | Path = ROOT) -> str:
 
 
 # -- dvc.yaml --------------------------------------------------------------------------------------------
-_NOTEBOOK = re.compile(r"\bpapermill\s+(\S+\.ipynb)")
+RUNNER = "ntksap.execute"
+"""The module that runs a pipeline notebook (papermill's command line, :mod:`ntksap.execute`)."""
+_NOTEBOOK = re.compile(rf"(?:\bpapermill|-m\s+{re.escape(RUNNER)})\s+(\S+\.ipynb)")
 _MODULE = re.compile(r"\bpython3?\s+-m\s+([\w.]+)")
 
 
-def stage_entry(cmd: str) -> str | None:
-    """The notebook (``papermill <notebook>``) or module (``python -m <module>``) a stage's
-    command runs; None when it runs neither."""
+def stage_entries(cmd: str | list[str]) -> list[str]:
+    """What a stage's command runs: each module it starts (``python -m <module>``, the
+    notebook runner included) and the notebook it executes (``python -m ntksap.execute
+    <notebook>`` or ``papermill <notebook>``); empty when it runs neither."""
     cmd = " ".join(cmd) if isinstance(cmd, list) else cmd
-    m = _NOTEBOOK.search(cmd) or _MODULE.search(cmd)
-    return m.group(1) if m else None
+    return _MODULE.findall(cmd) + _NOTEBOOK.findall(cmd)
 
 
-def stage_deps(entry: str, root: str | Path = ROOT) -> list[str]:
-    """The code deps (``ntksap/...`` files) of a stage that runs ``entry``."""
+def stage_deps(entries: str | Iterable[str], root: str | Path = ROOT) -> list[str]:
+    """The code deps (``ntksap/...`` files) of a stage that runs ``entries`` (notebooks,
+    module names)."""
     root = Path(root)
-    return source_files(entry_modules(root / entry if entry.endswith(".ipynb") else entry, root), root)
+    entries = [entries] if isinstance(entries, str) else list(entries)
+    modules: set[str] = set()
+    for entry in entries:
+        modules |= entry_modules(root / entry if entry.endswith(".ipynb") else entry, root)
+    return source_files(modules, root)
 
 
 def _listed(deps) -> list[str]:
@@ -271,10 +278,10 @@ def check_dvc_yaml(path: str | Path = "dvc.yaml", root: str | Path | None = None
     stages = yaml.safe_load(path.read_text())["stages"]
     wrong = {}
     for name, stage in stages.items():
-        entry = stage_entry(stage["cmd"])
-        if entry is None:
+        entries = stage_entries(stage["cmd"])
+        if not entries:
             continue
-        listed, derived = _listed(stage.get("deps")), stage_deps(entry, root)
+        listed, derived = _listed(stage.get("deps")), stage_deps(entries, root)
         if listed != derived:
             wrong[name] = (listed, derived)
     return wrong

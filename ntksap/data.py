@@ -210,7 +210,7 @@ def get_dataset(name: str, root: str | os.PathLike = "data", local_path: str | o
         archive = _fetch_archive(spec, root, download)
         return _read_local(spec, archive)
 
-    return _cached(spec, root / name / "cache-download.pt", f"download ({_DOWNLOADS[name][0]})", build)
+    return _cached(spec, root / name / "cache-download.pt", f"download ({_download(name)[0]})", build)
 
 
 def from_tensors(name: str, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
@@ -366,18 +366,20 @@ def _digits():
 # ==================================================================================
 # downloads
 # ==================================================================================
-def _cifar_download(cls_name: str) -> tuple[str, str, str]:
-    import torchvision.datasets as tvd
-
-    cls = getattr(tvd, cls_name)
-    return cls.url, cls.filename, cls.tgz_md5
+_TORCHVISION_CLASSES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+_DOWNLOADS = {"tiny_imagenet": (TINY_IMAGENET_URL, "tiny-imagenet-200.zip", TINY_IMAGENET_MD5)}
 
 
-_DOWNLOADS = {
-    "cifar10": _cifar_download("CIFAR10"),
-    "cifar100": _cifar_download("CIFAR100"),
-    "tiny_imagenet": (TINY_IMAGENET_URL, "tiny-imagenet-200.zip", TINY_IMAGENET_MD5),
-}
+def _download(name: str) -> tuple[str, str, str]:
+    """(url, file name, MD5) of dataset ``name``'s archive: CIFAR's from torchvision's
+    dataset classes, looked up on first use (importing torchvision costs about 2 s,
+    at every notebook start if done at import)."""
+    if name not in _DOWNLOADS:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, _TORCHVISION_CLASSES[name])
+        _DOWNLOADS[name] = (cls.url, cls.filename, cls.tgz_md5)
+    return _DOWNLOADS[name]
 
 
 def _layout_help(name: str) -> str:
@@ -408,7 +410,7 @@ def _fetch_archive(spec: DatasetSpec, root: Path, download: bool) -> Path:
     torchvision if absent. A file failing its MD5 check is removed, never used."""
     from torchvision.datasets.utils import check_integrity, download_url
 
-    url, filename, md5 = _DOWNLOADS[spec.name]
+    url, filename, md5 = _download(spec.name)
     folder = root / spec.name
     path = folder / filename
     if path.exists():

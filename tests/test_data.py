@@ -318,7 +318,7 @@ def test_good_download_is_verified_and_decoded(tmp_path, monkeypatch):
     archive = _tar(src / "cifar-10-batches-py", tmp_path / "a.tar.gz", arcname="cifar-10-batches-py")
     payload = archive.read_bytes()
     md5 = hashlib.md5(payload).hexdigest()
-    url, filename, _ = data._DOWNLOADS["cifar10"]
+    url, filename, _ = data._download("cifar10")
     monkeypatch.setitem(data._DOWNLOADS, "cifar10", (url, filename, md5))
     calls = _mock_network(monkeypatch, payload)
     b = data.get_dataset("cifar10", root=tmp_path / "data")

@@ -96,6 +96,32 @@ def test_each_stage_and_figure_module_imports_only_what_it_uses():
         assert not others, f"importing {name} imports {sorted(others)}"
 
 
+def test_notebook_start_up_skips_the_slow_imports_it_does_not_use():
+    """What every notebook stage pays before it computes: the stage modules and
+    ``load_params`` do not import torchvision (about 2 s; only a download or
+    a torchvision model needs it), and the runner (``python -m ntksap.execute``,
+    papermill's command line) neither imports torch nor lets jsonschema build
+    its rfc3987_syntax grammar (1.5 s), and still parses papermill's arguments."""
+    script = ("import sys\n"
+              "from ntksap import params\n"
+              "from ntksap.stages import prune, train, spectrum\n"
+              "params.load_params('params.yaml')\n"
+              "print('torchvision' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.split()[-1] == "False", "a notebook stage's start-up imports torchvision"
+    runner = ("import sys, runpy\n"
+              "sys.argv = ['papermill', '--help']\n"
+              "try:\n"
+              "    runpy.run_module('ntksap.execute', run_name='__main__')\n"
+              "except SystemExit:\n"
+              "    pass\n"
+              "print('MODULES', 'torch' in sys.modules, sys.modules.get('rfc3987_syntax', 'absent'),\n"
+              "      'papermill.cli' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", runner], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "--parameters" in done.stdout, done.stdout[-2000:]          # papermill's own help text
+    assert done.stdout.splitlines()[-1].split() == ["MODULES", "False", "None", "True"]
+
+
 def test_committed_notebooks_are_clean_sources_for_the_pipelines_kernel():
     """No outputs, a papermill parameters cell, unique cell ids, and the kernel
     papermill runs them with (`-k` in dvc.yaml), so JupyterLab opens an executed
