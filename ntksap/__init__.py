@@ -23,7 +23,8 @@ The pipeline: ``params`` (+ ``schema``: the params.yaml models), ``config``
 this machine), ``layout`` (result paths), ``experiment`` (what every stage
 builds from params), ``stages.<name>`` (one module per DVC stage),
 ``results`` (collecting results, metrics), ``figures.<kind>`` (every plot),
-``notebook`` (notebook set-up), ``code_deps`` (each stage's exact code deps).
+``notebook`` (notebook set-up), ``execute`` (papermill's command line, as
+dvc.yaml runs each notebook), ``code_deps`` (each stage's exact code deps).
 """
 
 import importlib
