@@ -269,9 +269,11 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...],
     ``input_shape`` (C, H, W) through each Conv/Linear layer:
     parameter name -> (dense, remaining under ``masks``).
 
-    A conv layer costs (output positions) x (weights kept); a linear layer
-    costs (kept weights) per input row. Normalisation, activations and pooling
-    are not counted.
+    Each weight is used (output elements x fan-in / weights) times: a conv's
+    once per output position, a linear layer's once per input row, a stacked
+    engine's K-member layers (:mod:`ntksap.stacked`) once per row of its own
+    member, so an engine costs its members' sum. Embedding lookups,
+    normalisation, activations and pooling are not counted.
     """
     masks = masks or {}
     out: dict[str, tuple[int, int]] = {}
@@ -284,11 +286,14 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...],
             w = mod.weight
             kept = int(masks[pname].sum().item()) if pname in masks else w.numel()
             if isinstance(mod, nn.Linear):
-                positions = outp.numel() // outp.shape[-1]
-            else:  # conv: one weight use per output spatial position
-                positions = outp[0, 0].numel() * outp.shape[0]
+                fan_in = w.shape[-1]
+            elif w.dim() >= 3:  # conv: (in / groups) x kernel
+                fan_in = w[0].numel()
+            else:  # an embedding: lookups, no multiply-accumulates
+                fan_in = 0
+            uses = outp.numel() * fan_in // w.numel()                  # per weight
             prev = out.get(pname, (0, 0))
-            out[pname] = (prev[0] + positions * w.numel(), prev[1] + positions * kept)
+            out[pname] = (prev[0] + uses * w.numel(), prev[1] + uses * kept)
 
         handles.append(module.register_forward_hook(hook))
     from .functional import scoring_mode

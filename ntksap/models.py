@@ -22,7 +22,10 @@ def kaiming_init(module: nn.Module) -> None:
 
     NTK-SAP re-draws weights with this function for every noise mini-batch.
     """
-    if isinstance(module, PRUNABLE_TYPES):
+    if isinstance(module, nn.Linear) and module.weight.dim() == 3:  # K linear layers (ntksap.stacked.BatchedLinear)
+        for weight in module.weight:                                   # each from its own fan-in
+            nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="relu")
+    elif isinstance(module, PRUNABLE_TYPES):
         nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
     elif isinstance(module, nn.modules.batchnorm._NormBase) and module.affine:
         nn.init.ones_(module.weight)

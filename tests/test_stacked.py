@@ -306,3 +306,38 @@ def test_fits_cpu():
     assert all(mod.training for mod in m.modules())
     with pytest.raises(ValueError, match="k=0"):
         fits(m, 0, 16, (1, 8, 8), "cpu", "grouped")
+
+
+@pytest.mark.parametrize("kind", ["grouped", "lockstep"])
+def test_layer_flops_of_an_engine_are_its_members_sums(kind):
+    """masks.layer_flops counts a stacked engine's multiply-accumulates as its K
+    members' together (a BatchedLinear's (K, out, in) weight is used once per
+    input row of its own member, not K times), dense and under masks."""
+    from ntksap.masks import layer_flops
+
+    models, masks = masked_members("digits_cnn")
+    engine = stack(models, kind=kind)
+    stacked = engine.stack_tensors(masks)
+    got = layer_flops(engine, (1, 8, 8), stacked)
+    per_member = [layer_flops(m, (1, 8, 8), mk) for m, mk in zip(models, masks)]
+    names = list(prunable_parameters(models[0]))
+    engine_names = list(prunable_parameters(engine))
+    if kind == "grouped":  # one engine tensor per member tensor
+        assert len(engine_names) == len(names)
+        for en, n in zip(engine_names, names):
+            assert got[en] == tuple(sum(f[n][i] for f in per_member) for i in (0, 1)), (en, got[en])
+    else:  # the members themselves, K times over
+        assert sum(d for d, _ in got.values()) == sum(d for f in per_member for d, _ in f.values())
+        assert sum(k for _, k in got.values()) == sum(k for f in per_member for _, k in f.values())
+    assert any("fc" in n for n in engine_names)  # the BatchedLinear is among them
+
+
+def test_kaiming_init_of_a_batched_linear_draws_each_member_from_its_own_fan_in():
+    """models.kaiming_init on a BatchedLinear (weight (K, out, in)) as on K
+    nn.Linear(in, out): std sqrt(2 / in) per member, not torch's 3-D fan-in (out x in)."""
+    torch.manual_seed(0)
+    layer = BatchedLinear(torch.zeros(3, 300, 400), torch.zeros(3, 300))
+    ntksap.kaiming_init(layer)
+    expected = (2 / 400) ** 0.5
+    for w in layer.weight:
+        assert abs(w.std().item() / expected - 1) < 0.03
