@@ -6,12 +6,12 @@ that makes per prune stage for each named set.
     python benchmarks/track_cost.py --all    # also VGG-16-BN (100 classes) and ResNet-18 (200): ~10 minutes
 
 Random inputs of the dataset's shape on a network at its init (the cost does not depend on the values),
-one torch thread as in the pipeline's notebooks (``--threads``); run it on an otherwise idle machine.
+every core as in the pipeline's notebooks of these models (``--threads``); run it on an otherwise idle machine.
 Each figure is the median of ``--repeats`` snapshots after one warm-up. The second table counts the
 snapshots one prune stage (one run, every sparsity) takes for each named set (iteration 0, 1, every
 ``prune.track.every``-th and the last) and multiplies by the measured cost of that set's model, mode and
 inputs, where it was measured. ``python -m ntksap.config describe`` quotes the figures of ``--threads 2``
-(both cores); a pipeline notebook runs on one thread, on which ResNet-20 took 1.1 s at 20 inputs (0.6 s on two).
+(both cores); on one thread ResNet-20 took 1.1 s at 20 inputs (0.6 s on two).
 """
 
 from __future__ import annotations
@@ -65,10 +65,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="also VGG-16-BN / CIFAR-100 and ResNet-18 / Tiny-ImageNet")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: what a pipeline notebook uses, ntksap.notebook.setup)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's, one per core, as a pipeline notebook of these models "
+                         "uses: ntksap.notebook.set_cpu_threads)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     cost = {}

@@ -9,19 +9,36 @@ from .figures.palette import COLORS
 from .layout import chdir_root
 
 
+ONE_THREAD_MODELS = ("digits_cnn",)
+"""Models whose pipeline stages run on one CPU thread: their tensors are so
+small (8x8 digits, batch 64) that a second thread only waits; with one, a busy
+machine made the quick experiment 20-70x slower in our measurements, as
+waiting OpenMP threads spin for a core. The paper's models use every core:
+ResNet-20 trains 1.44x faster on 2 threads than on 1 (180 s against 259 s an
+epoch on the 2-core development CPU, ``python benchmarks/epoch_time.py
+--variants masked --threads N``)."""
+
+
 def setup() -> Path:
-    """What every notebook does first: ``cd`` to the repository root, a
+    """What every notebook does first: ``cd`` to the repository root and a
     seaborn-like matplotlib style (without importing seaborn, which costs
-    seconds per notebook), and on the CPU one torch thread per process unless
-    ``OMP_NUM_THREADS`` says otherwise (the quick experiment's tensors are
-    small; with a second thread a busy machine made them 20-70x slower in our
-    measurements, as waiting OpenMP threads spin for a core)."""
+    seconds per notebook). Returns the root."""
     import matplotlib.pyplot as plt
-    import torch
 
     root = chdir_root()
     plt.style.use("seaborn-v0_8-whitegrid")
     plt.rcParams["axes.prop_cycle"] = plt.cycler(color=COLORS)
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
     return root
+
+
+def set_cpu_threads(model: str) -> int:
+    """What every notebook does once it knows the experiment: on a CPU, one
+    torch thread for the models of :data:`ONE_THREAD_MODELS`, torch's default
+    (one per core) for the others, unless ``OMP_NUM_THREADS`` says otherwise.
+    Returns the threads torch now uses. Only the speed depends on it (and float
+    rounding, as on any other machine)."""
+    import torch
+
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ and model in ONE_THREAD_MODELS:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()

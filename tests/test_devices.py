@@ -42,3 +42,16 @@ def test_every_device_argument_is_resolved_here():
                                       progress=False)):
         with pytest.raises(ValueError, match=r"device='gpu7' is not allowed"):
             call()
+
+
+def test_native_bf16_on_this_cpu_matches_its_instruction_flags():
+    from pathlib import Path
+
+    from ntksap.devices import native_bf16
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), []))
+    assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert native_bf16(torch.device("meta")) is False

@@ -316,3 +316,28 @@ def test_resnet20_learns_on_shared_cifar10(tmp_path):
     assert df.test_top1.iloc[-1] > 20.0                       # chance is 10 %
     assert df.test_loss.iloc[-1] < 2.2 < 2.303                # below the loss of a uniform guess, ln 10
     assert df.train_loss.iloc[-1] < df.train_loss.iloc[0]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_asked_for_on_a_device_without_bf16_hardware_warns_naming_the_knob(digits, tmp_path, monkeypatch,
+                                                                                 native):
+    monkeypatch.setattr(train, "native_bf16", lambda device: native)
+    import warnings as _warnings
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        df = train.train(_model(), None, digits, _short(epochs=1, milestones=(), amp=True), tmp_path,
+                         progress=False, device="cpu")
+    slow = [w for w in caught if "train.amp=True" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    if slow:
+        assert "no bf16 hardware" in str(slow[0].message) and "null or false" in str(slow[0].message)
+    assert len(df) == 1  # it still trains
+
+
+def test_the_default_amp_never_warns_on_a_cpu(digits, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    import warnings as _warnings
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        train.train(_model(), None, digits, _short(epochs=1, milestones=()), tmp_path, progress=False, device="cpu")
+    assert not [w for w in caught if "train.amp" in str(w.message)]
