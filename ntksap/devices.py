@@ -51,3 +51,17 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cpu":
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
+
+
+def channels_last_is_safe(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the default channels-last memory format may be used for
+    ``model`` on ``device``. Not on a CPU without AVX-512 for a model with a
+    1x1 convolution of stride > 1 (ResNet shortcuts): there, torch 2.14.1's
+    channels-last weight gradient of such a convolution corrupts the heap on
+    one thread (glibc aborts with "corrupted double-linked list"; reproduced
+    with a single ``aten.convolution_backward`` on (8, 2, 6, 6) inputs on an
+    AVX2-only AMD EPYC; NCHW is unaffected). Such models run in NCHW there."""
+    if device.type != "cpu" or "AVX512" in torch.backends.cpu.get_cpu_capability():
+        return True
+    return not any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+                   for m in model.modules())

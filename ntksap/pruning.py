@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checks import check_choice, check_int, check_positive
-from .devices import resolve_device
+from .devices import channels_last_is_safe, resolve_device
 from .functional import scoring_mode
 from .masks import Masks, apply_masks, prunable_parameters
 from .scores import GRASP_HESSIAN, METHODS, ScoreContext, check_batch
@@ -233,8 +233,9 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
     of ``data`` instead of Gaussian noise. ``grasp_hessian``
     (:data:`ntksap.scores.GRASP_HESSIAN`) picks how GraSP forms its
     Hessian-gradient product; ``synflow_dtype`` ("float64", or the authors'
-    "float32") the precision SynFlow scores in. ``channels_last`` (default: on for image inputs)
-    only changes the memory layout while scoring. On a GPU, scoring runs
+    "float32") the precision SynFlow scores in. ``channels_last`` (default: on for image inputs,
+    except where :func:`ntksap.devices.channels_last_is_safe` says a torch bug
+    forbids it) only changes the memory layout while scoring. On a GPU, scoring runs
     without TF32 (the caller's setting is restored).
 
     The random draws come from ``seed`` (the caller's RNG state is restored,
@@ -290,7 +291,7 @@ def prune(model: nn.Module, method: str, sparsity: float, *, input_shape: Iterab
                          "pass the shape of one input, e.g. input_shape=(3, 32, 32)")
     k_outputs = _num_outputs(model, input_shape)
     if channels_last is None:
-        channels_last = len(input_shape) == 3
+        channels_last = len(input_shape) == 3 and channels_last_is_safe(model, device)
     ctx = ScoreContext(
         device=device, input_shape=input_shape, data=source,
         num_samples=num_samples if num_samples is not None else 10 * k_outputs,

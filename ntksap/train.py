@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Dataset, DeviceLoader
-from .devices import native_bf16, resolve_device
+from .devices import channels_last_is_safe, native_bf16, resolve_device
 from .files import atomic_torch_save, atomic_write_text
 from .hashing import tensor_digest
 from .masks import Masks, apply_masks, check_masks, enforce_masks_after_step, prunable_parameters
@@ -386,6 +386,8 @@ def _train(models, masks_list, dataset_bundle: Dataset, config: Train, work: Pat
     device = resolve_device(device)
     ckpt_path = work / "checkpoint.pt"
     run = _execution(config, device)
+    if config.channels_last is None and not all(channels_last_is_safe(m, device) for m in models):
+        run["channels_last"] = False
 
     fps = [fingerprint(m, mk, dataset_bundle, config, seed) for m, mk in zip(models, masks_list)]
     writer = distributed is None or distributed.rank == 0

@@ -55,3 +55,52 @@ def test_native_bf16_on_this_cpu_matches_its_instruction_flags():
                       if line.startswith("flags")), []))
     assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16"})
     assert native_bf16(torch.device("meta")) is False
+
+
+def test_channels_last_is_refused_only_for_strided_1x1_convs_on_a_cpu_without_avx512(monkeypatch):
+    from torch import nn
+
+    from ntksap.devices import channels_last_is_safe
+    shortcut = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 8, 1, stride=2))
+    plain = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2), nn.Conv2d(4, 8, 1))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not channels_last_is_safe(shortcut, cpu)
+    assert channels_last_is_safe(plain, cpu)
+    assert channels_last_is_safe(shortcut, torch.device("meta"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert channels_last_is_safe(shortcut, cpu)
+
+
+def test_default_scoring_layout_follows_the_rule(monkeypatch):
+    """On an AVX2 CPU a model with a strided 1x1 conv scores in NCHW by default
+    (the layout torch corrupts the heap in is never used); an explicit
+    channels_last still wins; other models keep channels-last."""
+    from torch import nn
+
+    from ntksap import params, train
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+
+    from ntksap import pruning
+    real = pruning.ScoreContext
+    seen = []
+
+    def spy(*a, **kw):
+        seen.append(kw["channels_last"])
+        return real(*a, **kw)
+    monkeypatch.setattr(pruning, "ScoreContext", spy)
+
+    def layouts(model, **kw):
+        """The layout ``prune`` scored ``model`` in."""
+        seen.clear()
+        ntksap.prune(model, "synflow", 0.5, input_shape=(2, 6, 6), progress=False, apply=False, **kw)
+        return seen
+
+    def net(stride):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1, stride=stride),
+                             nn.Flatten(), nn.Linear(36 if stride == 2 else 144, 3))
+    assert layouts(net(2)) == [False]
+    assert layouts(net(2), channels_last=True) == [True]
+    assert layouts(net(1)) == [True]
+    assert train._execution(params.protocol("digits"), torch.device("cpu"))["channels_last"]
