@@ -60,9 +60,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, or that belongs to a different run."""
 
 
-def _execution(config: Train, device: torch.device) -> dict:
-    """The execution-only choices of ``config`` for ``device``: channels_last,
-    amp (bool; ``None``: on for CUDA with bf16 support) and compile. Warns
+def _execution(config: Train, device: torch.device, models: list[nn.Module] = ()) -> dict:
+    """The execution-only choices of ``config`` for ``device`` and ``models``:
+    channels_last (``None``: on, unless :func:`ntksap.devices.channels_last_is_safe`
+    says otherwise for one of ``models``), amp (bool; ``None``: on for CUDA with
+    bf16 support) and compile. Warns
     when ``amp`` is asked for on a device without bf16 hardware
     (:func:`ntksap.devices.native_bf16`): it works there, but slowly."""
     amp = config.amp
@@ -72,7 +74,10 @@ def _execution(config: Train, device: torch.device) -> dict:
         warnings.warn(f"train.amp=True on {device}, which has no bf16 hardware (AVX-512 BF16 or AMX on a CPU): "
                       "bf16 autocast is emulated there and training runs many times slower than in float32 "
                       "(11x for ResNet-20 on an AVX2 CPU); set train.amp to null or false", stacklevel=2)
-    return {"channels_last": True if config.channels_last is None else config.channels_last,
+    channels_last = config.channels_last
+    if channels_last is None:
+        channels_last = all(channels_last_is_safe(m, device) for m in models)
+    return {"channels_last": channels_last,
             "amp": amp, "compile": config.compile}
 
 
@@ -385,9 +390,7 @@ def _train(models, masks_list, dataset_bundle: Dataset, config: Train, work: Pat
             check_masks(model, masks)
     device = resolve_device(device)
     ckpt_path = work / "checkpoint.pt"
-    run = _execution(config, device)
-    if config.channels_last is None and not all(channels_last_is_safe(m, device) for m in models):
-        run["channels_last"] = False
+    run = _execution(config, device, models)
 
     fps = [fingerprint(m, mk, dataset_bundle, config, seed) for m, mk in zip(models, masks_list)]
     writer = distributed is None or distributed.rank == 0
