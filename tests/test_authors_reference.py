@@ -70,15 +70,26 @@ def test_mean_layer_profile_is_within_tolerance_of_the_authors(method):
                                          f"{torch.tensor(ours).mean(0)[worst]:.4f}, theirs {theirs[worst]:.4f}")
 
 
-@pytest.mark.parametrize("method,tolerance", [("magnitude", 2), ("snip", 2), ("grasp", 2), ("synflow", 0)])
+# Single-shot gradient scores move a few weights across the threshold with the
+# float rounding of the kernels that compute them: measured on ResNet-20 against
+# the reference (sum over layers of |kept - theirs|, of 270,896 weights), SNIP
+# 2-40 and GraSP 4-60 with oneDNN on an AVX2 CPU (<= 2 on an AVX-512 one), up to
+# 78 and 114 with PyTorch's native conv kernels, SNIP up to 38 scored in float64.
+# The wrong BatchNorm mode, the bug this guards against, moves 2,196 or more.
+ROUNDING = 1e-3  # allowed share of the weights, for scores that pass through convolutions' gradients
+
+
+@pytest.mark.parametrize("method,tolerance", [("magnitude", 0), ("snip", ROUNDING), ("grasp", ROUNDING),
+                                              ("synflow", 0)])
 def test_with_their_count_rule_the_masks_are_theirs(method, tolerance):
     """Same draws, the same target density (0.8^k exactly), their kept-count
     and tie rule, their precision: per layer the kept counts equal theirs
-    (SynFlow, 100 iterations, exactly; single-shot methods up to one weight
-    moved across the threshold, 2 in the sum of |differences|, by the float
-    rounding of their score normalisation)."""
+    (magnitude, and SynFlow after 100 iterations, exactly; SNIP and GraSP up to
+    :data:`ROUNDING` of the weights moved across the threshold by float
+    rounding, which depends on the CPU's kernels)."""
     extra = dict(synflow_dtype="float32") if method == "synflow" else {}
     for r in runs_of(method):
         masks = our_masks(method, 1 - 0.8 ** r["k"], r["seed"], count_rule="authors", channels_last=False, **extra)
         off = sum(abs(int(masks[row[0]].sum()) - row[3]) for row in r["layers"])
-        assert off <= tolerance, f"{method} seed {r['seed']} at {r['sparsity']}: {off} weights off"
+        allowed = int(tolerance * sum(row[2] for row in r["layers"]))
+        assert off <= allowed, f"{method} seed {r['seed']} at {r['sparsity']}: {off} weights off (allowed {allowed})"
