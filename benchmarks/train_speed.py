@@ -1,5 +1,6 @@
 """Training throughput of ResNet-20 on CIFAR-10-shaped data: our pipeline
-(uint8 images held on the device, batch-vectorised crop + flip, channels-last,
+(uint8 images held on the device, batch-vectorised crop + flip, channels-last where the trainer
+uses it (NCHW for ResNets on AVX2 CPUs: devices.channels_last_is_safe),
 optional torch.compile, bf16 autocast on CUDA) versus a plain torchvision
 ``DataLoader`` with per-image PIL transforms (RandomCrop(32, padding=4),
 RandomHorizontalFlip, ToTensor, Normalize) and ``num_workers=2`` feeding a
@@ -15,7 +16,8 @@ else random uint8 images of the same shape. Prints images per second of a
 pass over the images for each pipeline (median of ``--repeats`` passes, run
 in alternating order so a shared machine's load hits both alike), the compute-only rates (training steps
 on batches already in memory, for the baseline's and our model settings) and
-finally ``speed-up: <ours / PIL>x``. "ours" is run as ``ntksap.train.train``
+finally ``speed-up: <ours / PIL>x`` and ``ceiling: ...x``, the speed-up
+if loading cost nothing (best compute-only rate / PIL). "ours" is run as ``ntksap.train.train``
 runs it: ``DeviceLoader`` with the trainer's ``drop_last`` rule and the
 device's default ``prefetch`` (a background thread on CUDA, none on a CPU),
 ``train_epoch`` with the ``amp`` default of the device (bf16 on CUDA only).
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 
 from ntksap import build_model, data, train
-from ntksap.devices import resolve_device
+from ntksap.devices import channels_last_is_safe, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -146,26 +148,28 @@ def main(argv=None):
     yb = y[:bs].to(device)
     warm_up(base_model, base_opt, xb, yb, amp=False)
 
-    # ours: uint8 images on the device, DeviceLoader, channels-last (+ compile, + bf16 on CUDA)
-    model, opt = make_model(device, channels_last=True)
+    # ours: uint8 images on the device, DeviceLoader, the trainer's layout (+ compile, + bf16 on CUDA)
+    cl = channels_last_is_safe(base_model, device)         # the trainer's rule: NCHW on AVX2 ResNets
+    layout = "channels-last" if cl else "NCHW (channels-last unsafe on this CPU)"
+    model, opt = make_model(device, channels_last=cl)
     net = torch.compile(model) if use_compile else model
     drop_last = use_compile or n % bs == 1                  # the trainer's rule (+ static shapes for compile)
-    ours = data.DeviceLoader(bundle, "train", batch_size=bs, seed=0, device=device, channels_last=True,
+    ours = data.DeviceLoader(bundle, "train", batch_size=bs, seed=0, device=device, channels_last=cl,
                              drop_last=drop_last)
     other_prefetch = 0 if ours.prefetch else 1
-    ours_other = data.DeviceLoader(bundle, "train", batch_size=bs, seed=0, device=device, channels_last=True,
+    ours_other = data.DeviceLoader(bundle, "train", batch_size=bs, seed=0, device=device, channels_last=cl,
                                    drop_last=drop_last, prefetch=other_prefetch)
-    xc = xb.contiguous(memory_format=torch.channels_last)
+    xc = xb.contiguous(memory_format=torch.channels_last) if cl else xb
     tw = warm_up(net, opt, xc, yb, amp=amp)
     if use_compile:
         print(f"torch.compile warm-up: {tw:.1f} s (not counted)")
     if not args.no_extra and not amp:       # the bf16 rows: their own model, so fp32 and bf16 weights evolve apart
-        bf_model, bf_opt = make_model(device, channels_last=True)
+        bf_model, bf_opt = make_model(device, channels_last=cl)
         bf_net = torch.compile(bf_model) if use_compile else bf_model
         warm_up(bf_net, bf_opt, xc, yb, amp=True)
     eb = min(args.eval_batch_size, n)
     test_loader = data.DeviceLoader(bundle, "train", batch_size=eb, augment=False, shuffle=False, seed=0,
-                                    device=device, channels_last=True)
+                                    device=device, channels_last=cl)
 
     def pil_pass():
         seen = 0
@@ -181,7 +185,7 @@ def main(argv=None):
     our_batches = [(xc, yb)] * (n // bs)
     passes = {
         "PIL DataLoader (2 workers) + fp32 NCHW": pil_pass,
-        "ours: DeviceLoader + channels-last" + (" + compile" if use_compile else "") + (" + bf16" if amp else ""):
+        "ours: DeviceLoader + " + layout + (" + compile" if use_compile else "") + (" + bf16" if amp else ""):
             lambda: train.train_epoch(net, ours, opt, amp=amp)["images"],
         "  compute only, fp32 NCHW": lambda: train.train_epoch(base_model, base_batches, base_opt)["images"],
         "  compute only, our model settings": lambda: train.train_epoch(net, our_batches, opt, amp=amp)["images"],
@@ -214,6 +218,8 @@ def main(argv=None):
         each = ", ".join(f"{v:.0f}" for v in rates[name])
         print(f"{name:<{width}}  {np.median(rates[name]):8.0f}   ({each})")
     print(f"speed-up: {np.median(rates[names[1]]) / np.median(rates[names[0]]):.2f}x")
+    best = max(np.median(rates["  compute only, fp32 NCHW"]), np.median(rates["  compute only, our model settings"]))
+    print(f"ceiling (best compute-only rate / PIL, i.e. data loading free): {best / np.median(rates[names[0]]):.2f}x")
     if "ours + bf16 autocast" in rates:
         print(f"speed-up with bf16: {np.median(rates['ours + bf16 autocast']) / np.median(rates[names[0]]):.2f}x")
 
