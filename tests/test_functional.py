@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ntksap.functional import (borrowed, bn_batch_statistics, call, masked_params, model_tensors, scoring_mode,
-                               set_modes)
+from ntksap.functional import (borrowed, bn_batch_statistics, call, channel_statistics, masked_params, model_tensors,
+                               scoring_mode, set_modes)
 from conftest import TinyConvBN
 
 
@@ -205,3 +205,26 @@ def test_affine_batchnorm_is_eval_batchnorm_and_is_undone(make, shape):
     assert torch.allclose(train_out.mean(0 if len(shape) == 2 else [0, *range(2, len(shape))]),
                           bn.bias.detach() if bn.affine else torch.zeros(4), atol=1e-5)
     assert "forward" not in vars(bn)
+
+
+@pytest.mark.parametrize("shape, channels_last", [((7, 3), False), ((5, 4, 6), False), ((6, 5, 4, 3), False),
+                                                  ((6, 5, 4, 3), True), ((1, 3, 2, 2), False)])
+def test_channel_statistics_are_each_channels_mean_and_unbiased_variance(shape, channels_last):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g) * 3 + 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert not x.is_contiguous()
+    mean, var = channel_statistics(x)
+    assert mean.shape == var.shape == (shape[1],) and mean.dtype == var.dtype == x.dtype
+    for c in range(shape[1]):  # explicit, in float64: all values of channel c
+        values = x.double().select(1, c).reshape(-1).tolist()
+        mu = sum(values) / len(values)
+        unbiased = sum((v - mu) ** 2 for v in values) / (len(values) - 1)
+        assert mean[c].item() == pytest.approx(mu, rel=1e-6, abs=1e-6)
+        assert var[c].item() == pytest.approx(unbiased, rel=1e-6)
+
+
+def test_channel_statistics_refuse_a_single_value_per_channel():
+    with pytest.raises(ValueError, match=r"shape \(1, 3, 1, 1\) has 1 value per channel"):
+        channel_statistics(torch.ones(1, 3, 1, 1))
