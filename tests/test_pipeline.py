@@ -350,7 +350,6 @@ def test_dvc_repro_runs_every_stage_and_notebook(repo, reproduced):
         assert not errors, f"{nb}: {errors}"
         injected = [c for c in book["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
         assert injected, f"{nb} was not run by papermill"
-        assert not nb.stat().st_mode & 0o222, f"{nb} is writable: JupyterLab's autosave would change it"
     notebooks = sorted(str(p.relative_to(repo)) for p in (repo / "results/micro").rglob("*.ipynb"))
     assert notebooks == sorted(str(p) for p in [
         layout.notebook_path("plot", cfg), layout.notebook_path("spectrum", cfg),
