@@ -1,5 +1,5 @@
 """Runs a pipeline notebook: papermill's command line, without an import it never uses,
-leaving the executed notebook read-only.
+leaving the executed notebook without write permission.
 
 ``python -m ntksap.execute IN OUT -k ntksap -p name value ...`` takes exactly
 papermill's arguments (``papermill --help``). Two differences:
@@ -12,9 +12,11 @@ papermill's arguments (``papermill --help``). Two differences:
   starts that much sooner.
 * The executed notebook ``OUT`` (a local file) is a pipeline output, so it is
   left without write permission (:func:`read_only`), also when the run fails
-  or is interrupted: JupyterLab then opens it read-only, and its autosave
-  cannot change what DVC recorded. A read-only ``OUT`` left by an earlier run
-  is made writable first, so papermill can replace it.
+  or is interrupted; a read-only ``OUT`` left by an earlier run is made
+  writable first, so papermill can replace it. Run by hand, JupyterLab then
+  opens it read-only. Under ``dvc repro`` DVC commits the output to its cache
+  and checks out a fresh copy with default permissions (copy link type), so
+  a pipeline notebook ends up writable again (README, "Opening the results").
 
 Nothing else in papermill is changed, and nothing here imports torch (the kernel does).
 """
@@ -32,9 +34,13 @@ SKIPPED_MODULES = ("rfc3987_syntax",)
 WRITE_BITS = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 
 
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 def read_only(path: Path) -> None:
     """Clears every write permission bit of ``path`` (read and execute bits stay)."""
-    path.chmod(stat.S_IMODE(path.stat().st_mode) & ~WRITE_BITS)
+    path.chmod(_mode(path) & ~WRITE_BITS)
 
 
 def local_output(argv: list[str]) -> Path | None:
@@ -50,7 +56,7 @@ def local_output(argv: list[str]) -> Path | None:
 
 def main(argv: list[str] | None = None) -> None:
     """papermill's command line with :data:`SKIPPED_MODULES` unimportable and
-    the executed notebook left read-only."""
+    the executed notebook left without write permission."""
     for name in SKIPPED_MODULES:
         sys.modules.setdefault(name, None)
     from papermill.cli import papermill
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     out = local_output(argv)
     if out is not None and out.exists() and not os.access(out, os.W_OK):
-        out.chmod(stat.S_IMODE(out.stat().st_mode) | stat.S_IWUSR)
+        out.chmod(_mode(out) | stat.S_IWUSR)
     try:
         papermill.main(args=argv, prog_name="papermill")
     finally:
