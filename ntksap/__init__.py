@@ -24,7 +24,8 @@ this machine), ``layout`` (result paths), ``experiment`` (what every stage
 builds from params), ``stages.<name>`` (one module per DVC stage),
 ``results`` (collecting results, metrics), ``figures.<kind>`` (every plot),
 ``notebook`` (notebook set-up), ``execute`` (papermill's command line, as
-dvc.yaml runs each notebook), ``code_deps`` (each stage's exact code deps).
+dvc.yaml runs each notebook), ``code_deps`` (each stage's exact code deps), ``lab``
+(the Jupyter kernel and the server setting that opens ``results/`` read-only).
 """
 
 import importlib

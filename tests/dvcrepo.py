@@ -55,26 +55,28 @@ def ran(output: str) -> set[str]:
 
 @functools.cache
 def ensure_kernel() -> str:
-    """The Jupyter kernel ``ntksap`` of this environment, installed into it
-    (``python -m ipykernel install --sys-prefix --name ntksap``, as .ci/run and
-    the README do) when ``jupyter kernelspec list`` lacks it; once per session.
-    Returns its folder; fails when a kernel of that name runs another Python."""
+    """The Jupyter kernel ``ntksap`` of this environment, installed into it with the
+    server config that opens results/ read-only (``python -m ntksap.lab install``,
+    as .ci/run and the README do) when ``jupyter kernelspec list`` lacks the kernel
+    or the config is missing; once per session. Returns the kernel's folder; fails
+    when a kernel of that name runs another Python."""
+    from ntksap.lab import configured
+
     def specs() -> dict:
         out = subprocess.run([str(BIN / "jupyter"), "kernelspec", "list", "--json"], capture_output=True, text=True,
                              check=True)
         return json.loads(out.stdout)["kernelspecs"]
 
     found = specs()
-    if KERNEL not in found:
-        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", KERNEL],
-                       capture_output=True, text=True, check=True)
+    if KERNEL not in found or not configured():
+        subprocess.run([sys.executable, "-m", "ntksap.lab", "install"], capture_output=True, text=True, check=True)
         found = specs()
     spec = found[KERNEL]
     python = spec["spec"]["argv"][0]
     if Path(python).resolve() != Path(sys.executable).resolve():
         raise AssertionError(f"the Jupyter kernel {KERNEL!r} in {spec['resource_dir']} runs {python}, not this "
                              f"environment's {sys.executable}: remove it (jupyter kernelspec remove {KERNEL}), then "
-                             f"python -m ipykernel install --sys-prefix --name {KERNEL}")
+                             f"python -m ntksap.lab install")
     return spec["resource_dir"]
 
 

@@ -63,6 +63,22 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()
 
+    def request(self, method: str, rel: str, body: dict | None = None) -> tuple[int, dict]:
+        """``method`` on the contents API path of ``rel``; the status and the JSON reply."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + "/api/contents/" + urllib.parse.quote(rel), data=data, method=method)
+        req.add_header("Authorization", f"token {self.token}")
+        req.add_header("Content-Type", "application/json")
+        try:
+            with OPENER.open(req, timeout=30) as r:
+                status, raw = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        try:
+            return status, json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            return status, {"raw": raw[:2000]}
+
     def notebook(self, rel: str) -> dict:
         """The contents API's model of the notebook ``rel`` (relative to the root)."""
         status, _, body = self.get("/api/contents/" + urllib.parse.quote(rel) + "?content=1&type=notebook")
@@ -138,11 +154,20 @@ def start(base: Path, attempts: int = 3) -> Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    installed()  # the kernel and the read-only results/ config (python -m ntksap.lab install)
     s = start(tmp_path_factory.mktemp("jupyter"))
     try:
         yield s
     finally:
         stop(s.proc)
+
+
+def installed() -> None:
+    """``python -m ntksap.lab install`` has run in this environment (the tests' helper
+    runs it when the kernel or the server config is missing)."""
+    from dvcrepo import ensure_kernel
+
+    ensure_kernel()
 
 
 def kernel_name() -> str:
@@ -262,3 +287,102 @@ def test_pipeline_notebook_through_contents_api(server):
     errors = [(i, o.get("ename")) for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
               for o in c.get("outputs", []) if o["output_type"] == "error"]
     assert not errors, f"{rel} has error outputs: {errors}"
+
+
+def test_pipeline_outputs_are_read_only(server, executed):
+    """README's promise: JupyterLab opens an executed notebook under results/ read-only
+    (``writable: false``, so no autosave) and the server refuses to save, create,
+    rename, delete or checkpoint anything there (ntksap.lab.ResultsContentsManager,
+    installed by ``python -m ntksap.lab install``), while files outside results/,
+    or in a results/ folder that is not a DVC project's, stay writable."""
+    project = server.root / "project"
+    inside = project / "results" / "exp" / "notebooks" / "run-0.ipynb"
+    outside = project / "notebooks" / "scratch.ipynb"
+    foreign = server.root / "results" / "other.ipynb"  # no dvc.yaml above it
+    for path in (inside, outside, foreign):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(executed, path)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    before = inside.read_bytes()
+    rel = lambda p: p.relative_to(server.root).as_posix()  # noqa: E731
+
+    model = server.notebook(rel(inside))
+    assert model["writable"] is False, f"an executed notebook under results/ is served writable: {model['writable']}"
+    same_as_disk(model, inside)  # read-only, not hidden: its figures are all there
+    assert server.notebook(rel(outside))["writable"] is True
+    assert server.notebook(rel(foreign))["writable"] is True
+    status, listing = server.request("GET", rel(inside.parent))
+    assert status == 200 and [(c["name"], c["writable"]) for c in listing["content"]] == [(inside.name, False)]
+
+    content = dict(model["content"], metadata={**model["content"]["metadata"], "edited": True})
+    status, reply = server.request("PUT", rel(inside), {"type": "notebook", "format": "json", "content": content})
+    assert status == 403, f"saving {rel(inside)}: HTTP {status} {reply}"
+    assert "Save Notebook As" in reply.get("message", "") and "dvc repro" in reply["message"], reply
+    assert inside.read_bytes() == before, "a refused save changed the file"
+    for method, target, body in (
+            ("PUT", project / "results" / "exp" / "new.ipynb", {"type": "notebook", "format": "json",
+                                                                "content": content}),
+            ("DELETE", inside, None),
+            ("PATCH", inside, {"path": rel(project / "notebooks" / "moved.ipynb")}),
+            ("PATCH", outside, {"path": rel(project / "results" / "exp" / "moved.ipynb")}),
+            ("POST", Path(str(inside) + "/checkpoints"), None)):
+        status, reply = server.request(method, rel(target), body)
+        assert status == 403, f"{method} {rel(target)}: HTTP {status} {reply}"
+    assert inside.read_bytes() == before and outside.is_file()
+    assert not (project / "results" / "exp" / "new.ipynb").exists()
+    assert not (inside.parent / ".ipynb_checkpoints").exists()
+
+    status, reply = server.request("PUT", rel(outside), {"type": "notebook", "format": "json", "content": content})
+    assert status == 200, f"saving {rel(outside)} (outside results/): HTTP {status} {reply}"
+    assert json.loads(outside.read_text())["metadata"]["edited"] is True
+
+
+def test_pipeline_output_rule(tmp_path):
+    """ntksap.lab.pipeline_output against the folders it looks at."""
+    from ntksap.lab import pipeline_output
+
+    (tmp_path / "a" / "results" / "x").mkdir(parents=True)
+    (tmp_path / "a" / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "a" / "sub" / "results").mkdir(parents=True)
+    (tmp_path / "a" / "sub" / "dvc.yaml").write_text("stages: {}\n")
+    assert pipeline_output(tmp_path, "a/results/x/nb.ipynb")
+    assert pipeline_output(tmp_path, "/a/results/x/new.ipynb")      # not there yet: still refused
+    assert pipeline_output(tmp_path, "a/results/metrics.json")
+    assert not pipeline_output(tmp_path, "a/results")              # the folder itself
+    assert not pipeline_output(tmp_path, "a/notebooks/prune.ipynb")
+    assert not pipeline_output(tmp_path, "a/dvc.yaml")
+    assert not pipeline_output(tmp_path, "results/nb.ipynb")        # no dvc.yaml above it
+    assert pipeline_output(tmp_path, "a/sub/results/nb.ipynb")      # the nearest project's results/
+    assert not pipeline_output(tmp_path, "a/sub/notebooks/results.ipynb")
+    assert not pipeline_output(tmp_path / "a" / "results", "x/nb.ipynb")  # a server rooted inside results/ sees no project
+
+
+def test_install_keeps_other_settings_and_refuses_to_clobber(tmp_path):
+    """``python -m ntksap.lab install --prefix P``: the kernel, and the contents manager set
+    in P's server config with every other key kept; a config naming another manager, or
+    not JSON, is refused with nothing changed (``--force`` replaces the manager)."""
+    from ntksap.lab import KERNEL, MANAGER, config_path, configured
+
+    def install(*extra):
+        return subprocess.run([sys.executable, "-m", "ntksap.lab", "install", "--prefix", str(tmp_path), *extra],
+                              capture_output=True, text=True)
+
+    config = config_path(tmp_path)
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"ServerApp": {"port": 9999}, "LabApp": {"news_url": None}}))
+    r = install()
+    assert r.returncode == 0, r.stderr
+    spec = json.loads((tmp_path / "share" / "jupyter" / "kernels" / KERNEL / "kernel.json").read_text())
+    assert Path(spec["argv"][0]).resolve() == Path(sys.executable).resolve() and spec["display_name"] == KERNEL
+    assert json.loads(config.read_text()) == {"ServerApp": {"port": 9999, "contents_manager_class": MANAGER},
+                                              "LabApp": {"news_url": None}}
+    assert configured(tmp_path)
+
+    other = {"ServerApp": {"contents_manager_class": "jupytext.TextFileContentsManager"}}
+    for text in (json.dumps(other), "{not json"):
+        config.write_text(text)
+        r = install()
+        assert r.returncode == 2 and str(config) in r.stderr, (r.returncode, r.stderr)
+        assert config.read_text() == text and not configured(tmp_path)
+    config.write_text(json.dumps(other))
+    assert install("--force").returncode == 0 and configured(tmp_path)
