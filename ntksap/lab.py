@@ -21,7 +21,8 @@ Jupyter's default file manager with one rule (:func:`pipeline_output`): such
 files are reported ``writable: false``, so JupyterLab opens them read-only
 (no autosave), and saving, creating, renaming or deleting anything there is
 refused with HTTP 403 and a message pointing to *File > Save Notebook As*
-outside ``results/``. Everything else behaves as Jupyter's own manager.
+outside ``results/``; no checkpoint is listed, made or restored there (listing
+would create ``.ipynb_checkpoints/``). Everything else behaves as Jupyter's own manager.
 """
 
 from __future__ import annotations
@@ -93,9 +94,24 @@ class ResultsContentsManager(AsyncLargeFileManager):
         self._guard(new_path, "rename a file to")
         return await super().rename_file(old_path, new_path)
 
+    # checkpoints: Jupyter keeps them in .ipynb_checkpoints/ beside the file, created on first use,
+    # even by a listing; inside a DVC output folder that would be a file DVC did not write
     async def create_checkpoint(self, path):
-        self._guard(path, "checkpoint")  # .ipynb_checkpoints/ inside a DVC output folder would change its hash
+        self._guard(path, "checkpoint")
         return await super().create_checkpoint(path)
+
+    async def list_checkpoints(self, path):
+        if pipeline_output(self.root_dir, path):
+            return []  # none can exist, and listing would create the folder
+        return await super().list_checkpoints(path)
+
+    async def restore_checkpoint(self, checkpoint_id, path):
+        self._guard(path, "restore a checkpoint of")
+        return await super().restore_checkpoint(checkpoint_id, path)
+
+    async def delete_checkpoint(self, checkpoint_id, path):
+        self._guard(path, "delete a checkpoint of")
+        return await super().delete_checkpoint(checkpoint_id, path)
 
 
 def config_path(prefix: str | Path | None = None) -> Path:

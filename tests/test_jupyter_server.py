@@ -306,6 +306,9 @@ def test_pipeline_outputs_are_read_only(server, executed):
     before = inside.read_bytes()
     rel = lambda p: p.relative_to(server.root).as_posix()  # noqa: E731
 
+    status, listed = server.request("GET", rel(inside) + "/checkpoints")  # what JupyterLab asks on opening
+    assert status == 200 and listed == [], (status, listed)
+    assert not (inside.parent / ".ipynb_checkpoints").exists(), "listing checkpoints created a folder in results/"
     model = server.notebook(rel(inside))
     assert model["writable"] is False, f"an executed notebook under results/ is served writable: {model['writable']}"
     same_as_disk(model, inside)  # read-only, not hidden: its figures are all there
