@@ -32,8 +32,12 @@ import json
 import sys
 from pathlib import Path, PurePosixPath
 
-from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
-from tornado import web
+try:
+    from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
+    from tornado import web
+except ModuleNotFoundError as e:  # the core install has no Jupyter
+    raise ModuleNotFoundError(f"ntksap.lab needs Jupyter's server ({e}): install the pipeline extra, "
+                              f"pip install -e '.[pipeline]'") from e
 
 KERNEL = "ntksap"
 """The kernel name dvc.yaml's stages run their notebooks with (``-k ntksap``)."""
