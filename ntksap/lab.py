@@ -65,24 +65,18 @@ class ResultsContentsManager(AsyncLargeFileManager):
     """Jupyter's default contents manager, with the files of :func:`pipeline_output`
     reported read-only and protected from saves, new files, renames and deletes."""
 
-    def _refuse(self, path: str, action: str) -> web.HTTPError:
-        return web.HTTPError(
-            403, f"Cannot {action} '{path}': it is an output of the DVC pipeline (results/ is written by "
-                 f"`dvc repro`; a changed file there makes its stage run again). To experiment, use "
-                 f"File > Save Notebook As with a path outside results/.")
-
     def _guard(self, path: str, action: str) -> None:
         if pipeline_output(self.root_dir, path):
-            raise self._refuse(path, action)
+            raise web.HTTPError(
+                403, f"Cannot {action} '{path}': it is an output of the DVC pipeline (results/ is written by "
+                     f"`dvc repro`; a changed file there makes its stage run again). To experiment, use "
+                     f"File > Save Notebook As with a path outside results/.")
 
     async def get(self, path, content=True, type=None, format=None, require_hash=False):
         model = await super().get(path, content=content, type=type, format=format, require_hash=require_hash)
-        if model.get("type") != "directory" and pipeline_output(self.root_dir, model["path"]):
+        # a directory's entries are made by this same method, so they are marked too
+        if model["type"] != "directory" and pipeline_output(self.root_dir, model["path"]):
             model["writable"] = False
-        elif model.get("type") == "directory" and model.get("content"):
-            for child in model["content"]:
-                if child.get("type") != "directory" and pipeline_output(self.root_dir, child["path"]):
-                    child["writable"] = False
         return model
 
     async def save(self, model, path=""):
