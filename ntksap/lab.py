@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path, PurePosixPath
 
@@ -49,14 +50,14 @@ MANAGER = "ntksap.lab.ResultsContentsManager"
 
 def pipeline_output(root: str | Path, path: str) -> bool:
     """Whether the API path ``path`` (relative to the server's ``root``, ``/``-separated)
-    lies in ``results/`` of the nearest folder above it, within ``root``, that holds a
-    ``dvc.yaml``: a file the pipeline writes. ``results/`` itself is not one (so a
-    new experiment's folder can appear in it); anything inside it is."""
-    parts = PurePosixPath(path.strip("/")).parts
-    root = Path(root)
-    for depth in range(len(parts) - 1, -1, -1):  # the nearest project first
-        if (root.joinpath(*parts[:depth]) / "dvc.yaml").is_file():
-            rest = parts[depth:]
+    lies in ``results/`` of the nearest folder above it on disk that holds a ``dvc.yaml``:
+    a file the pipeline writes. The same file gets the same answer wherever the server
+    was started (the repository, a folder above it, or ``results/`` itself). ``results/``
+    itself is not one (so a new experiment's folder can appear in it); anything inside it is."""
+    target = Path(os.path.abspath(Path(root, *PurePosixPath(path.strip("/")).parts)))
+    for folder in target.parents:  # the nearest project first
+        if (folder / "dvc.yaml").is_file():
+            rest = target.relative_to(folder).parts
             return len(rest) >= 2 and rest[0] == RESULTS
     return False
 

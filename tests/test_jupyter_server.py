@@ -354,10 +354,18 @@ def test_pipeline_output_rule(tmp_path):
     assert not pipeline_output(tmp_path, "a/results")              # the folder itself
     assert not pipeline_output(tmp_path, "a/notebooks/prune.ipynb")
     assert not pipeline_output(tmp_path, "a/dvc.yaml")
-    assert not pipeline_output(tmp_path, "results/nb.ipynb")        # no dvc.yaml above it
+    assert not pipeline_output(tmp_path, "results/nb.ipynb")        # no dvc.yaml above it (tmp_path's parents have none)
     assert pipeline_output(tmp_path, "a/sub/results/nb.ipynb")      # the nearest project's results/
     assert not pipeline_output(tmp_path, "a/sub/notebooks/results.ipynb")
-    assert not pipeline_output(tmp_path / "a" / "results", "x/nb.ipynb")  # a server rooted inside results/ sees no project
+    # the same files, whatever folder the server was started in (no dependence on its root)
+    project = tmp_path / "a"
+    for root in (Path("/"), tmp_path, project, project / "results", project / "results" / "x"):
+        for rel, expected in (("results/x/nb.ipynb", True), ("results/metrics.json", True),
+                              ("notebooks/prune.ipynb", False), ("sub/results/nb.ipynb", True)):
+            target = project / rel
+            if root in target.parents:
+                assert pipeline_output(root, target.relative_to(root).as_posix()) is expected, (root, rel)
+    assert not pipeline_output(tmp_path / "a" / "results", "")  # results/ itself, seen from inside
 
 
 def test_install_keeps_other_settings_and_refuses_to_clobber(tmp_path):
