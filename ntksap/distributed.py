@@ -88,6 +88,14 @@ def broadcast_masks(masks: Masks | None) -> Masks:
     return got
 
 
+def _epochs(text: str) -> int | float:
+    """A milestone on the command line: ``2`` stays an int, ``0.5`` is a float."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ntksap.distributed",
                                 description="Train a saved mask with DistributedDataParallel "
@@ -111,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(the train stage writes Train.model_dump())")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--batch-size", type=int, default=None, help="override the protocol's global batch size")
-    p.add_argument("--milestones", type=int, nargs="*", default=None, help="override the lr milestones")
+    p.add_argument("--milestones", type=_epochs, nargs="*", default=None,
+                   help="override the lr milestones (epochs; fractions fall at the nearest batch)")
     p.add_argument("--train-subset", type=int, default=None, help="use this many random training images")
     p.add_argument("--test-subset", type=int, default=None, help="use this many random test images")
     p.add_argument("--seed", type=int, default=0, help="data order / augmentation seed")

@@ -22,7 +22,11 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 """Hydra config directory: ``config.yaml`` (shared defaults) and the groups
 ``experiment/``, ``train/``, ``runs/``, ``sparsity_grid/``."""
 
-Milestones = Annotated[list[Annotated[int, Field(strict=True, ge=1)]], Distinct(increasing=True)]
+Milestones = Annotated[list[Annotated[int, Field(strict=True, ge=1)]
+                             | Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]],
+                       Distinct(increasing=True)]
+"""Epochs after which the lr drops; a fraction (0.5) falls at the nearest batch
+(:func:`ntksap.train.milestone_steps`), so a run shorter than the paper's can keep its schedule."""
 
 
 class Train(Section):
@@ -46,7 +50,8 @@ class Train(Section):
     weight_decay: float = knob(..., "weight decay (paper: 1e-4 CIFAR-10 and ImageNet, 5e-4 otherwise)", strict=True,
                                allow_inf_nan=False, ge=0)
     milestones: Milestones = knob(
-        [], "epochs after which lr is multiplied by gamma (paper: 80,120 / 60,120 / 100,150 / 30,60,80)")
+        [], "epochs after which lr is multiplied by gamma, fractions at the nearest batch (paper: 80,120 / 60,120 / "
+        "100,150 / 30,60,80)")
     gamma: float = knob(0.1, "lr factor at each milestone (paper: 0.1)", strict=True, allow_inf_nan=False, gt=0,
                         le=1)
     augment: bool = knob(True, "the dataset's training augmentation (paper: crop + flip; digits: none)", strict=True)

@@ -48,7 +48,7 @@ from .protocol import Train
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_top1", "test_top5", "epoch_time"]
 OUTPUT_FILES = ("checkpoint.pt", "history.csv", "model.pt", "metrics.json")
 CHECKPOINT_FORMAT = "ntksap-train-checkpoint"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3   # 3: the lr schedule steps per batch (fractional milestones)
 PROGRESS_MIN_BATCHES = 50   # show a per-epoch batch bar when an epoch has at least this many batches
 
 
@@ -98,10 +98,11 @@ def _per_member(rows: list[dict], stacked: bool):
 
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, amp: bool = False,
-                bar=None, max_batches: int | None = None):
+                bar=None, max_batches: int | None = None, scheduler=None):
     """One pass of SGD over ``loader``; returns ``dict(loss, acc, images)``
     (mean cross-entropy, top-1 accuracy in %, images seen). ``model`` may be a
-    ``torch.compile`` wrapper; ``bar`` a tqdm bar advanced per batch. A stacked
+    ``torch.compile`` wrapper; ``bar`` a tqdm bar advanced per batch;
+    ``scheduler`` an lr scheduler counted in batches, stepped after each. A stacked
     engine (:mod:`ntksap.stacked`: outputs (B, K, classes)) minimises the sum of
     its K members' mean losses, so each member gets its own gradient; then one
     dict per member is returned, in a list."""
@@ -119,6 +120,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, amp:
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         if loss_sum is None:
             stacked = raw.dim() == 3
             loss_sum = torch.zeros(out.shape[1], dtype=torch.float64, device=device)
@@ -133,6 +136,14 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, amp:
     rows = [{"loss": ls / max(n, 1), "acc": 100.0 * c / max(n, 1), "images": n}
             for ls, c in zip(loss_sum.tolist(), correct.tolist())]
     return _per_member(rows, stacked)
+
+
+def milestone_steps(milestones, steps_per_epoch: int) -> list[int]:
+    """Milestones in epochs (``Train.milestones``; fractions allowed) -> the
+    optimizer steps after which the lr is multiplied by gamma: ``round(m x
+    steps_per_epoch)`` (halves up), at least 1. An integer milestone m falls
+    exactly at the end of epoch m, as an epoch-counted schedule; 0.5 mid-epoch."""
+    return [max(1, math.floor(m * steps_per_epoch + 0.5)) for m in milestones]
 
 
 @torch.no_grad()
@@ -438,13 +449,11 @@ def _train(models, masks_list, dataset_bundle: Dataset, config: Train, work: Pat
     opt = torch.optim.SGD(engine.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
                           weight_decay=config.weight_decay)
     opt_hook = enforce_masks_after_step(opt, engine, engine_masks) if masked else None
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(config.milestones), gamma=config.gamma)
     histories: list[list[dict]] = [[] for _ in models]
     start = 0
     if state is not None:
         _load_member_states(engine, kind, [m["model"] for m in state["members"]])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         histories = [[dict(r) for r in m["history"]] for m in state["members"]]
         start = int(state["epoch"])
@@ -458,6 +467,10 @@ def _train(models, masks_list, dataset_bundle: Dataset, config: Train, work: Pat
                                 num_workers=config.num_workers)
     test_loader = DeviceLoader(dataset_bundle, "test", config.eval_batch_size, augment=False, seed=seed,
                                device=device, channels_last=run["channels_last"], num_workers=config.num_workers)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestone_steps(config.milestones, len(train_loader)),
+                                                 gamma=config.gamma)
+    if state is not None:
+        sched.load_state_dict(state["scheduler"])
     net = distributed.wrap(engine) if distributed is not None else engine
     net = torch.compile(net) if run["compile"] else net
     # evaluation runs without the DDP wrapper (no collectives; every rank sees the whole test set)
@@ -478,7 +491,7 @@ def _train(models, masks_list, dataset_bundle: Dataset, config: Train, work: Pat
             with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}", leave=False, disable=not show_batches,
                       unit="batch") as bar:
                 batches = distributed.shard(train_loader) if distributed is not None else train_loader
-                trs = as_list(train_epoch(net, batches, opt, amp=run["amp"], bar=bar))
+                trs = as_list(train_epoch(net, batches, opt, amp=run["amp"], bar=bar, scheduler=sched))
                 if distributed is not None:
                     trs = [distributed.reduce(tr) for tr in trs]
             for k, tr in enumerate(trs):
@@ -487,7 +500,6 @@ def _train(models, masks_list, dataset_bundle: Dataset, config: Train, work: Pat
                                              f"(lr {lr}{f', network {k}' if len(trs) > 1 else ''}); the "
                                              f"checkpoint of epoch {epoch} is kept")
             evs = as_list(evaluate(eval_net, test_loader, amp=run["amp"]))
-            sched.step()
             seconds = time.perf_counter() - t0
             for history, tr, ev in zip(histories, trs, evs):
                 history.append({"epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],

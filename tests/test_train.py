@@ -5,6 +5,7 @@ a short real-data run on the shared CIFAR-10."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -112,6 +113,34 @@ def test_outputs_and_schedule(digits, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))                  # no temporary files left behind
 
 
+def test_fractional_milestones_drop_the_lr_at_the_nearest_batch(digits, tmp_path, monkeypatch):
+    """The lr of every optimizer step against a naive count: lr0 x gamma^(milestones
+    m with m x batches-per-epoch, halves rounded up, at or before the steps done)."""
+    cfg = params.protocol("digits", epochs=2, milestones=(0.5, 1, 1.5), lr=0.08, gamma=0.5, batch_size=64)
+    steps = math.ceil(digits.num_train / 64)          # 1437 images: 23 batches, 11.5 falls at 12
+    seen = []
+    model = _model()
+
+    def record(opt, args, kwargs):
+        seen.append(opt.param_groups[0]["lr"])
+
+    real_sgd = torch.optim.SGD
+
+    class Recording(real_sgd):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.register_step_pre_hook(record)
+
+    monkeypatch.setattr(torch.optim, "SGD", Recording)
+    df = train.train(model, None, digits, cfg, tmp_path, progress=False)
+    drops = [int(m * steps + 0.5) for m in (0.5, 1, 1.5)]
+    assert drops == [12, 23, 35]
+    want = [0.08 * 0.5 ** sum(d <= i for d in drops) for i in range(2 * steps)]
+    assert seen == pytest.approx(want, rel=1e-12)
+    assert df.lr.tolist() == pytest.approx([0.08, 0.02])          # the lr at each epoch's start
+    assert train.milestone_steps([2, 0.001], 23) == [46, 1]        # an integer epoch exactly; never step 0
+
+
 def test_evaluate_matches_naive_per_sample_computation(digits):
     model = _model(3).eval()
     loader = data.DeviceLoader(digits, "test", batch_size=64)
@@ -187,10 +216,11 @@ def _compare_runs(a: Path, b: Path):
     assert ma == mb
 
 
-def test_resume_after_ctrl_c_equals_uninterrupted_run(digits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("milestones", [(2,), (1.5, 2.5)], ids=["epochs", "fractions"])
+def test_resume_after_ctrl_c_equals_uninterrupted_run(digits, tmp_path, monkeypatch, milestones):
     model = _model()
     masks = _random_masks(model)
-    cfg = params.protocol("digits", epochs=4, milestones=(2,))
+    cfg = params.protocol("digits", epochs=4, milestones=milestones)
     train.train(_model(), masks, digits, cfg, tmp_path / "full", progress=False)
 
     calls = {"n": 0}
