@@ -2,15 +2,17 @@
 resumably.
 
 ``train(model, masks, bundle, config, out_dir)`` trains with SGD (momentum,
-optional Nesterov, weight decay) and a multi-step learning-rate schedule,
-keeping pruned weights exactly zero. After every epoch it writes, atomically:
+optional Nesterov, weight decay) and a multi-step learning-rate schedule
+counted in batches (a milestone of 0.5 epochs drops the lr mid-epoch; whole
+epochs fall exactly at an epoch's end), keeping pruned weights exactly zero. After every epoch it writes, atomically:
 
 * ``out_dir/checkpoint.pt``: model, optimizer, scheduler, RNG states, epoch,
   metrics so far and a fingerprint of the run (config, seed, dataset, masks,
   initial weights). Rerunning after an interruption resumes from the last
   complete epoch; on CPU the result equals an uninterrupted run bit for bit.
-* ``out_dir/history.csv``: one row per epoch: ``epoch, lr, train_loss,
-  train_acc, test_loss, test_top1, test_top5, epoch_time`` (seconds).
+* ``out_dir/history.csv``: one row per epoch: ``epoch, lr`` (at the epoch's
+  start), ``train_loss, train_acc, test_loss, test_top1, test_top5,
+  epoch_time`` (seconds).
 
 At the end: ``out_dir/model.pt`` (final ``state_dict``) and
 ``out_dir/metrics.json`` (``test_top1, test_top5, test_loss, best_test_top1,

@@ -128,11 +128,13 @@ def test_committed_notebooks_are_clean_sources_for_the_pipelines_kernel():
     copy on the same kernel."""
     import re
 
+    from ntksap.lab import KERNEL            # what `python -m ntksap.lab install` installs
+
     kernels = set(re.findall(r"-k (\S+)", (ROOT / "dvc.yaml").read_text()))
-    assert kernels == {"ntksap"}
+    assert kernels == {KERNEL} and dvcrepo.KERNEL == KERNEL
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         nb = json.loads(path.read_text())
-        assert nb["metadata"]["kernelspec"]["name"] == "ntksap", path
+        assert nb["metadata"]["kernelspec"]["name"] == KERNEL, path
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
         assert all(c["outputs"] == [] and c["execution_count"] is None for c in code), f"{path} has outputs"
         assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1, path
