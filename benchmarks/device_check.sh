@@ -8,8 +8,9 @@
 #   env          python, torch, CUDA, and which optional packages are missing (what needs them is skipped)
 #   cuda tests   the tests marked skipif-no-CUDA (found in tests/*.py), with pytest          90 s
 #   prune speed  ntksap.prune NTK-SAP on ResNet-20, T=20, R=5 (prune_speed.py --only ours)   60 s
-#   epoch time   ResNet-20 epoch: eager, stacked K=9, torch.compile, then masked and stacked masked 150 s
-#   prune memory ResNet-50 NTK-SAP prune at noise batch 64 and 256 (prune_memory.py)         90 s
+#   epoch time   ResNet-20 epoch: eager, stacked K=9, torch.compile, masked, stacked masked,
+#                then stacked (masked) under torch.compile(mode="reduce-overhead") (CUDA graphs)       200 s
+#   prune memory ResNet-50 NTK-SAP prune at noise batch 64 and 256 (prune_memory.py)        120 s
 #   projection   projected hours of every named set from the epoch times                     20 s
 # Without CUDA the GPU parts print "skipped: no CUDA" and the epoch-time part runs a short CPU smoke test.
 # Installs nothing: runs with the python found there (python3, else python; or $PYTHON), with the repository
@@ -41,8 +42,8 @@ export PYTHONDONTWRITEBYTECODE=1
 BUDGET=${DEVICE_CHECK_BUDGET:-480}
 T_TESTS=${T_TESTS:-90}
 T_PRUNE_SPEED=${T_PRUNE_SPEED:-60}
-T_EPOCH=${T_EPOCH:-150}
-T_PRUNE_MEMORY=${T_PRUNE_MEMORY:-90}
+T_EPOCH=${T_EPOCH:-200}
+T_PRUNE_MEMORY=${T_PRUNE_MEMORY:-120}
 T_PROJECTION=${T_PROJECTION:-20}
 EPOCH_IMAGES=${EPOCH_IMAGES:-25600}
 HAVE_TIMEOUT=0
@@ -69,9 +70,9 @@ run_part() {
     fi
     local t0=$SECONDS
     if [ "$HAVE_TIMEOUT" = 1 ]; then
-        timeout -k 5 "$limit" "$@" 2>&1 | tee "$log"
+        timeout -k 5 "$limit" "$@" 2>&1 | tee "$log" | cut -c1-1000   # (a JSON line of every mask entry: cut on screen)
     else
-        "$@" 2>&1 | tee "$log"
+        "$@" 2>&1 | tee "$log" | cut -c1-1000
     fi
     PART_RC=${PIPESTATUS[0]}
     echo "---- $name: exit $PART_RC after $((SECONDS - t0)) s$([ "$PART_RC" = 124 ] && echo ' (timed out)')"
@@ -241,7 +242,8 @@ if [ "$HAVE_NTKSAP_DATA" != 1 ]; then
 else
     if [ "$HAVE_CUDA" = 1 ]; then
         run_part "epoch time" "$T_EPOCH" "$SCRATCH/epoch.log" \
-            "$PY" benchmarks/epoch_time.py --device cuda --images "$EPOCH_IMAGES" --k 9 --json "$EPOCH_JSON"
+            "$PY" benchmarks/epoch_time.py --device cuda --images "$EPOCH_IMAGES" --k 9 --json "$EPOCH_JSON" \
+            --variants "eager,stacked,compile,masked,stacked_masked,stacked_compile_graphs,stacked_masked_compile_graphs"
         what="cuda"
     else
         run_part "epoch time (CPU smoke: 256 images, K=2, no compile)" "$T_EPOCH" "$SCRATCH/epoch.log" \
@@ -266,14 +268,15 @@ for v, r in rows.items():
     s = f"epoch time {v}: {r['epoch_s']:.2f} s/epoch"
     if r["networks"] > 1:
         s += f" for K={r['networks']} networks = {r['per_network_epoch_s']:.2f} s per network"
-    if v == "compile":
+    if "compile" in v:
         s += f" (compile {r['compile_s']:.0f} s once)"
     if eager.get("status") == "ok" and v != "eager":
         s += f", {eager['per_network_epoch_s'] / r['per_network_epoch_s']:.2f}x vs eager"
-    if v == "stacked_masked" and rows.get("masked", {}).get("status") == "ok":
+    if v.startswith("stacked_masked") and rows.get("masked", {}).get("status") == "ok":
         s += f", {rows['masked']['per_network_epoch_s'] / r['per_network_epoch_s']:.2f}x vs masked"
     print(s)
-for v in ("eager", "stacked", "compile", "masked", "stacked_masked"):
+for v in ("eager", "stacked", "compile", "masked", "stacked_masked", "stacked_compile_graphs",
+          "stacked_masked_compile_graphs"):
     if v not in rows and d["device"] != "cpu":
         print(f"epoch time {v}: not reached ({status})")
 EOF
@@ -292,7 +295,7 @@ elif [ "$HAVE_TORCHVISION" != 1 ] || [ "$HAVE_NTKSAP_PRUNING" != 1 ]; then
     add "prune memory: skipped: needs torchvision and ntksap.pruning"
 else
     run_part "prune memory" "$T_PRUNE_MEMORY" "$SCRATCH/memory.log" \
-        "$PY" benchmarks/prune_memory.py --device cuda --sizes 64 256 --batches 2
+        "$PY" benchmarks/prune_memory.py --device cuda --sizes 64 256 --batches 2 --threads "$(nproc 2>/dev/null || echo 8)"
     rows=$(awk '$1 ~ /^[0-9]+$/ && $2 ~ /^[0-9]+$/ && NF == 6 {
         printf "prune memory ResNet-50 NTK-SAP, noise batch B=%s, %s mini-batch(es): CUDA peak %s GB, saved-for-backward %s GB, %s s/input\n",
         $1, $2, $5, $3, $6 }' "$SCRATCH/memory.log")

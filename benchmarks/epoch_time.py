@@ -15,7 +15,11 @@ variant:
   -> (B, K, classes); loss = sum over k of cross_entropy(out[:, k], y); SGD over
   ``engine.parameters()``); per-network seconds = stacked epoch / K;
 * ``stacked_masked``: the same with each member's own 89.26 % random mask,
-  stacked with ``engine.stack_tensors`` and applied the trainer's way.
+  stacked with ``engine.stack_tensors`` and applied the trainer's way;
+* opt-in, by ``--variants``: ``stacked_compile`` (``torch.compile(engine)``) and
+  ``..._compile_graphs`` (``torch.compile(..., mode="reduce-overhead")``: the
+  forward and backward replayed as CUDA graphs) of the one-network, masked and
+  stacked rows.
 
 Every variant runs one untimed pass (warm-up: cuDNN algorithm choice, the
 device copy of the images, compilation) and then one timed pass over
@@ -54,6 +58,9 @@ if str(ROOT) not in sys.path:
 
 EPOCH_TRAIN, EPOCH_TEST = 50_000, 10_000      # CIFAR-10
 VARIANTS = ("eager", "stacked", "compile", "masked", "stacked_masked")  # the named three first, then the extras
+# opt-in (``--variants``): torch.compile of the stacked engine, and mode="reduce-overhead" (CUDA graphs)
+EXTRA_VARIANTS = ("compile_graphs", "masked_compile_graphs", "stacked_compile", "stacked_compile_graphs",
+                  "stacked_masked_compile_graphs")
 SPARSITY = 0.892626                           # the masked row's sparsity (1 - 0.8^10)
 
 
@@ -184,6 +191,11 @@ def run_variant(variant: str, args, bundle, device, amp: bool, fns) -> dict:
 
     row: dict = {"variant": variant}
     handles = []
+    mode = "reduce-overhead" if variant.endswith("_graphs") else "default" if "compile" in variant else None
+
+    def compiled(module):
+        return module if mode is None else torch.compile(module, mode=mode)
+
     if variant.startswith("stacked"):
         try:
             stacked = importlib.import_module("ntksap.stacked")
@@ -195,30 +207,31 @@ def run_variant(variant: str, args, bundle, device, amp: bool, fns) -> dict:
             engine = engine.to(device)
         opt = torch.optim.SGD(engine.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         row.update(networks=k, kind=args.stacked_kind)
-        if variant == "stacked_masked":
+        if variant.startswith("stacked_masked"):
             from ntksap.masks import apply_masks, enforce_masks_after_step
 
             masks = engine.stack_tensors([random_masks(m, SPARSITY, seed=i) for i, m in enumerate(members)])
             handles = [apply_masks(engine, masks), enforce_masks_after_step(opt, engine, masks)]
             row["sparsity"] = SPARSITY
         del members
+        net = compiled(engine)
 
         def one_pass(tr, te):
             with Clock(device) as c_tr:
-                r = stacked_train_epoch(engine, tr, opt, k, amp=amp)
+                r = stacked_train_epoch(net, tr, opt, k, amp=amp)
             with Clock(device) as c_te:
-                stacked_evaluate(engine, te, k, amp=amp)
+                stacked_evaluate(net, te, k, amp=amp)
             return c_tr, c_te, r["images"]
     else:
         model = make(0)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        if variant == "masked":
+        if variant.startswith("masked"):
             from ntksap.masks import apply_masks, enforce_masks_after_step
 
             masks = random_masks(model, SPARSITY)
             handles = [apply_masks(model, masks), enforce_masks_after_step(opt, model, masks)]
             row["sparsity"] = SPARSITY
-        net = torch.compile(model) if variant == "compile" else model
+        net = compiled(model)
         row["networks"] = 1
 
         def one_pass(tr, te):
@@ -241,8 +254,8 @@ def run_variant(variant: str, args, bundle, device, amp: bool, fns) -> dict:
     row.update(status="ok", images=seen, test_images=n_test, warmup_s=warm.wall, train_s=train_s, eval_s=test_s,
                train_gpu_s=c_tr.gpu, eval_gpu_s=c_te.gpu, epoch_s=epoch, per_network_epoch_s=epoch / row["networks"],
                images_per_s=seen * row["networks"] / train_s)
-    if variant == "compile":
-        row["compile_s"] = max(warm.wall - (train_s + test_s), 0.0)
+    if mode is not None:
+        row.update(compile_s=max(warm.wall - (train_s + test_s), 0.0), compile_mode=mode)
     return row
 
 
@@ -254,11 +267,11 @@ def describe(row: dict, eager: dict | None, masked: dict | None = None) -> str:
     s = (f"{name:<21s} epoch {row['epoch_s']:8.2f} s   per network {row['per_network_epoch_s']:8.2f} s   "
          f"(timed pass: train {row['train_s']:.2f} s for {row['images']} images, eval {row['eval_s']:.2f} s for "
          f"{row['test_images']}; {row['images_per_s']:.0f} img/s)")
-    if row["variant"] == "compile":
+    if "compile" in row["variant"]:
         s += f"   compile {row['compile_s']:.1f} s (first pass {row['warmup_s']:.1f} s, not counted)"
     if eager is not None and eager.get("status") == "ok" and row is not eager:
         s += f"   speed-up vs eager {eager['per_network_epoch_s'] / row['per_network_epoch_s']:.2f}x"
-    if masked is not None and masked.get("status") == "ok" and row["variant"] == "stacked_masked":
+    if masked is not None and masked.get("status") == "ok" and row["variant"].startswith("stacked_masked"):
         s += f" (vs masked {masked['per_network_epoch_s'] / row['per_network_epoch_s']:.2f}x)"
     return s
 
@@ -298,16 +311,16 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; use a positive integer")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in VARIANTS + EXTRA_VARIANTS]
     if bad:
-        raise SystemExit(f"--variants: {bad} not allowed; use a subset of {','.join(VARIANTS)}")
+        raise SystemExit(f"--variants: {bad} not allowed; use a subset of {','.join(VARIANTS + EXTRA_VARIANTS)}")
 
     from ntksap import data
     from ntksap.devices import resolve_device
 
     device = resolve_device(args.device)
     if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
-        variants = [v for v in variants if v != "compile"]
+        variants = [v for v in variants if "compile" not in v]
     amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     train_epoch, evaluate, note = import_trainer()
     n_test = args.test_images or max(args.images // 5, 1)

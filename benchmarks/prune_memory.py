@@ -79,7 +79,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[2, 4], help="noise mini-batch sizes to measure")
     p.add_argument("--batches", type=int, default=3, help="mini-batches in the multi-batch run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (the model's init and the host work)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.only:
@@ -124,8 +124,8 @@ def main() -> None:
     print(f"work: {gflop:.1f} GFLOP per noise input; whole ImageNet prune (T={PAPER['iterations']}, "
           f"R={PAPER['rounds']}, {PAPER['inputs']} inputs): {gflop * total_inputs / 1e6:.0f} PFLOP; at "
           + ", ".join(f"{t} TFLOP/s sustained: {gflop * total_inputs / t / 1e3 / 60:.0f} min" for t in (50, 100, 200)))
-    print(f"measured {secs:.3f} s per noise input on {args.device} at B={size} (time of the extra mini-batches) "
-          f"-> whole prune {secs * total_inputs / 3600:.1f} h on this device")
+    print(f"measured {secs * 1e3:.2f} ms per noise input on {args.device} at B={size} (time of the extra "
+          f"mini-batches) -> whole prune {secs * total_inputs / 3600:.2f} h on this device")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,14 @@ def _execution(config: Train, device: torch.device, models: list[nn.Module] = ()
             "amp": amp, "compile": config.compile}
 
 
+def compiled(module: nn.Module, how: bool | str) -> nn.Module:
+    """``module`` as ``Train.compile`` asks: itself (False), ``torch.compile(module)``
+    (True) or ``torch.compile(module, mode="reduce-overhead")`` (CUDA graphs)."""
+    if how is False:
+        return module
+    return torch.compile(module, mode="reduce-overhead") if how == "reduce-overhead" else torch.compile(module)
+
+
 # ==================================================================================
 # steps
 # ==================================================================================
@@ -474,9 +482,9 @@ def _train(models, masks_list, dataset_bundle: Dataset, config: Train, work: Pat
     if state is not None:
         sched.load_state_dict(state["scheduler"])
     net = distributed.wrap(engine) if distributed is not None else engine
-    net = torch.compile(net) if run["compile"] else net
+    net = compiled(net, run["compile"])
     # evaluation runs without the DDP wrapper (no collectives; every rank sees the whole test set)
-    eval_net = net if distributed is None else (torch.compile(engine) if run["compile"] else engine)
+    eval_net = net if distributed is None else compiled(engine, run["compile"])
 
     def as_list(metrics):
         return metrics if isinstance(metrics, list) else [metrics]

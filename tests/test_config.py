@@ -308,6 +308,15 @@ def test_train_fingerprint_fields_leave_out_the_execution_only_ones():
     assert params.protocol("cifar10", compile=True, eval_batch_size=7).experiment() == t.experiment()
 
 
+def test_train_compile_is_a_bool_or_reduce_overhead():
+    for how in (False, True, "reduce-overhead"):
+        assert params.protocol("digits", compile=how).compile == how
+    for bad in ("fast", 1, "true", None):
+        with pytest.raises(ParamsError, match=rf"compile={bad!r} is not allowed; allowed: true or false or "
+                                              r"'reduce-overhead'"):
+            params.protocol("digits", compile=bad)
+
+
 def test_a_changed_train_field_is_checked():
     t = params.protocol("digits")
     with pytest.raises(ParamsError, match=r"^Train: epochs=-1 is not allowed; allowed: an integer >= 0$"):

@@ -141,6 +141,35 @@ def test_fractional_milestones_drop_the_lr_at_the_nearest_batch(digits, tmp_path
     assert train.milestone_steps([2, 0.001], 23) == [46, 1]        # an integer epoch exactly; never step 0
 
 
+@pytest.mark.parametrize("how, want", [(False, []), (True, [None]), ("reduce-overhead", ["reduce-overhead"])])
+def test_train_compile_picks_the_torch_compile_mode(digits, tmp_path, monkeypatch, how, want):
+    """train.compile reaches torch.compile as its mode (one call: the net trained and
+    evaluated), and compiling changes no result (the stand-in compiler returns a
+    counting wrapper, so the trainer must run through what torch.compile returned)."""
+    calls, forwards = [], []
+
+    class Counted(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            forwards.append(len(x))
+            return self.inner(x)
+
+    def fake_compile(module, mode=None, **kw):
+        calls.append(mode)
+        return Counted(module)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = params.protocol("digits", epochs=1, compile=how)
+    df = train.train(_model(), None, digits, cfg, tmp_path / "a", progress=False)
+    ref = train.train(_model(), None, digits, params.protocol("digits", epochs=1), tmp_path / "b", progress=False)
+    assert calls == want
+    assert (sum(forwards) > 0) == bool(want)
+    pd.testing.assert_frame_equal(df.drop(columns="epoch_time"), ref.drop(columns="epoch_time"))
+
+
 def test_evaluate_matches_naive_per_sample_computation(digits):
     model = _model(3).eval()
     loader = data.DeviceLoader(digits, "test", batch_size=64)
