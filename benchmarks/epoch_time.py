@@ -191,10 +191,9 @@ def run_variant(variant: str, args, bundle, device, amp: bool, fns) -> dict:
 
     row: dict = {"variant": variant}
     handles = []
-    mode = "reduce-overhead" if variant.endswith("_graphs") else "default" if "compile" in variant else None
+    from ntksap.train import compiled   # loaded by import_trainer (with its stand-in where pydantic is missing)
 
-    def compiled(module):
-        return module if mode is None else torch.compile(module, mode=mode)
+    how = "reduce-overhead" if variant.endswith("_graphs") else "compile" in variant   # a Train.compile value
 
     if variant.startswith("stacked"):
         try:
@@ -214,7 +213,7 @@ def run_variant(variant: str, args, bundle, device, amp: bool, fns) -> dict:
             handles = [apply_masks(engine, masks), enforce_masks_after_step(opt, engine, masks)]
             row["sparsity"] = SPARSITY
         del members
-        net = compiled(engine)
+        net = compiled(engine, how)
 
         def one_pass(tr, te):
             with Clock(device) as c_tr:
@@ -231,7 +230,7 @@ def run_variant(variant: str, args, bundle, device, amp: bool, fns) -> dict:
             masks = random_masks(model, SPARSITY)
             handles = [apply_masks(model, masks), enforce_masks_after_step(opt, model, masks)]
             row["sparsity"] = SPARSITY
-        net = compiled(model)
+        net = compiled(model, how)
         row["networks"] = 1
 
         def one_pass(tr, te):
@@ -254,8 +253,8 @@ def run_variant(variant: str, args, bundle, device, amp: bool, fns) -> dict:
     row.update(status="ok", images=seen, test_images=n_test, warmup_s=warm.wall, train_s=train_s, eval_s=test_s,
                train_gpu_s=c_tr.gpu, eval_gpu_s=c_te.gpu, epoch_s=epoch, per_network_epoch_s=epoch / row["networks"],
                images_per_s=seen * row["networks"] / train_s)
-    if mode is not None:
-        row.update(compile_s=max(warm.wall - (train_s + test_s), 0.0), compile_mode=mode)
+    if how is not False:
+        row.update(compile_s=max(warm.wall - (train_s + test_s), 0.0), compile_mode=how)
     return row
 
 

@@ -53,9 +53,10 @@ DATASET_IMAGES = {"digits": (1437, 360), "cifar10": (50_000, 10_000), "cifar100"
 MEASURED = ("resnet20", "cifar10")
 COLUMNS = ("eager", "compile", "stacked", "stacked_graphs")
 # column <- epoch_time.py rows, the masked one first (a pruned network trains masked; dense is 1 of 22 per seed)
-SOURCES = {"eager": ("masked", "eager"), "compile": ("masked_compile", "compile"),
+SOURCES = {"eager": ("masked", "eager"), "compile": ("compile",),
            "stacked": ("stacked_masked", "stacked"),
            "stacked_graphs": ("stacked_masked_compile_graphs", "stacked_compile_graphs")}
+COMPILED = ("compile", "stacked_graphs")   # the columns that pay a one-off compile per training
 
 
 # -- composing the named sets ------------------------------------------------------------
@@ -174,7 +175,7 @@ def seconds_from_json(path: str) -> tuple[dict, dict, str]:
             continue
         secs[col] = float(rows[found[0]]["per_network_epoch_s"])
         used.append(found[0])
-        if "compile" in col or col.endswith("graphs"):
+        if col in COMPILED:
             # once per training; a stacked compile is shared by its K networks. The largest of the rows: a
             # later row of the same graph finds it in inductor's cache and reports ~0 s
             comp[col] = max(float(rows[v].get("compile_s", 0.0)) / int(rows[v].get("networks", 1)) for v in found)
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
         secs, comp, source = seconds_from_json(args.epoch_json)
     else:
         secs, source = parse_seconds(args.seconds), "given on the command line"
-        comp = {c: args.compile_seconds for c in ("compile", "stacked_graphs") if c in secs}
+        comp = {c: args.compile_seconds for c in COMPILED if c in secs}
     if not secs:
         print("projected hours: skipped: no measured epoch time (no variant finished)")
         return 1

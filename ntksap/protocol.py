@@ -71,8 +71,7 @@ class Train(Section):
     compile: Annotated[bool, Field(strict=True)] | Literal["reduce-overhead"] = knob(
         False, "execution only: torch.compile the model (true), or with mode reduce-overhead (its forward and backward "
         "replayed as CUDA graphs; on an H200 2.4x faster epochs for one network, 1.3x for nine stacked masked ones); "
-        "pays on long GPU runs, "
-        "slow to compile on a CPU")
+        "pays on long GPU runs, slow to compile on a CPU")
     num_workers: int = knob(8, "execution only: loader processes, at most one per CPU core (ImageNet only)",
                             strict=True, ge=0)
     eval_batch_size: int = knob(500, "execution only: batch size for evaluation", strict=True, ge=1)
