@@ -11,11 +11,15 @@
 #   epoch time   ResNet-20 epoch: eager, stacked K=9, torch.compile, masked, stacked masked,
 #                then stacked (masked) under torch.compile(mode="reduce-overhead") (CUDA graphs)       200 s
 #   prune memory ResNet-50 NTK-SAP prune at noise batch 64 and 256 (prune_memory.py)        120 s
+#   epoch NCHW   stacked masked, eager and with CUDA graphs, in NCHW instead of channels-last (the
+#                profile's lead: 17 % of a stacked step is cuDNN layout conversion)                 100 s
+#                (after the required parts: it gets what they left, less the projection's 20 s)
 #   projection   projected hours of every named set from the epoch times                     20 s
 # Without CUDA the GPU parts print "skipped: no CUDA" and the epoch-time part runs a short CPU smoke test.
 # Installs nothing: runs with the python found there (python3, else python; or $PYTHON), with the repository
 # root on PYTHONPATH. Environment knobs: PYTHON, OUT, DEVICE_CHECK_BUDGET (total seconds, 480),
-# T_TESTS, T_PRUNE_SPEED, T_EPOCH, T_PRUNE_MEMORY, T_PROJECTION (seconds per part), EPOCH_IMAGES (25600).
+# T_TESTS, T_PRUNE_SPEED, T_EPOCH, T_EPOCH_NCHW, T_PRUNE_MEMORY, T_PROJECTION (seconds per part),
+# EPOCH_IMAGES (25600).
 set -u
 set -o pipefail
 
@@ -43,6 +47,7 @@ BUDGET=${DEVICE_CHECK_BUDGET:-480}
 T_TESTS=${T_TESTS:-90}
 T_PRUNE_SPEED=${T_PRUNE_SPEED:-60}
 T_EPOCH=${T_EPOCH:-200}
+T_EPOCH_NCHW=${T_EPOCH_NCHW:-100}
 T_PRUNE_MEMORY=${T_PRUNE_MEMORY:-120}
 T_PROJECTION=${T_PROJECTION:-20}
 EPOCH_IMAGES=${EPOCH_IMAGES:-25600}
@@ -306,6 +311,49 @@ else
     extra=$(grep -E '^(ratio|saved-for-backward peak|work:|measured) ' "$SCRATCH/memory.log" | sed 's/^/prune memory: /')
     if [ -n "$extra" ]; then
         while IFS= read -r l; do add "$l"; done <<<"$extra"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------------
+# epoch NCHW: the stacked masked rows again with --channels-last off, each compared with its channels-last row
+NCHW_JSON="$OUT_DIR/epoch_time_nchw.json"
+rm -f "$NCHW_JSON"
+if [ "$HAVE_CUDA" != 1 ]; then
+    echo; echo "==== epoch time NCHW ===="; echo "skipped: no CUDA"
+    add "epoch time NCHW: skipped: no CUDA"
+elif [ "$HAVE_NTKSAP_DATA" != 1 ]; then
+    echo; echo "==== epoch time NCHW ===="; echo "skipped: ntksap.data does not import (see env)"
+    add "epoch time NCHW: skipped: ntksap.data does not import"
+else
+    nchw_limit=$T_EPOCH_NCHW   # leaving the projection its time
+    room=$((BUDGET - (SECONDS - START) - 10 - T_PROJECTION))
+    [ "$room" -lt "$nchw_limit" ] && nchw_limit=$room
+    run_part "epoch time NCHW" "$nchw_limit" "$SCRATCH/epoch_nchw.log" \
+        "$PY" benchmarks/epoch_time.py --device cuda --images "$EPOCH_IMAGES" --k 9 --json "$NCHW_JSON" \
+        --channels-last off --variants "stacked_masked,stacked_masked_compile_graphs"
+    nchw_status=$(status_of "$PART_RC")
+    if [ -f "$NCHW_JSON" ]; then
+        "$PY" - "$NCHW_JSON" "$EPOCH_JSON" "$nchw_status" >"$SCRATCH/epoch_nchw_summary.txt" <<'EOF'
+import json, os, sys
+d = json.load(open(sys.argv[1]))
+cl = json.load(open(sys.argv[2]))["rows"] if os.path.exists(sys.argv[2]) else {}
+print(f"epoch time NCHW (channels-last off, else as above): part {sys.argv[3]}")
+for v, r in d["rows"].items():
+    if r.get("status") != "ok":
+        print(f"epoch time NCHW {v}: {r.get('status')}")
+        continue
+    s = f"epoch time NCHW {v}: {r['per_network_epoch_s']:.2f} s per network"
+    if "compile" in v:
+        s += f" (compile {r['compile_s']:.0f} s once)"
+    base = cl.get(v, {})
+    if base.get("status") == "ok":
+        s += (f", channels-last {base['per_network_epoch_s']:.2f} s: NCHW "
+              f"{base['per_network_epoch_s'] / r['per_network_epoch_s']:.2f}x")
+    print(s)
+EOF
+        while IFS= read -r l; do add "$l"; done <"$SCRATCH/epoch_nchw_summary.txt"
+    else
+        add "epoch time NCHW: $nchw_status, no results"
     fi
 fi
 

@@ -3,15 +3,21 @@ unperturbed pass, the default) against its exact two-pass form
 (``bn_mode="unperturbed_two_pass"``: a separate statistics pass, as the
 authors), the straightforward two-model implementation of the tests
 (``tests/reference.py``: deep copies, a train-mode statistics pass and two eval
-passes per mini-batch) and, with ``--authors``, the authors' own code (their
-``NTKSAP`` pruner and ``prune_loop``, GitHub YiteWang/NTK-SAP), side by side.
+passes per mini-batch), with ``--authors`` the authors' own code (their
+``NTKSAP`` pruner and ``prune_loop``, GitHub YiteWang/NTK-SAP), and ``floor``:
+the arithmetic every one of them must do and nothing else (per mini-batch, two
+forward passes of a bare ResNet-20 in the memory format ``ntksap.prune``
+picks, eval-mode BatchNorm, and one backward of the squared difference to the
+weights; no re-draws, noise, statistics, masks or thresholds), side by side.
 
 ResNet-20, CIFAR-10 settings (PAPER.md): sparsity 89.26 %, T = 20, R = 5,
 epsilon = 0.01, 100 noise inputs in batches of 256. Each variant runs in a
 fresh process (so peak memory is its own), one after the other. Prints wall
 time, CPU time and peak memory of each, how far the one-pass scores (first
 iteration, same draws) and masks are from the two-pass ones, and ends with
-``speed-up: <ratio>x`` (wall time, the authors' code, else the reference, / ours).
+``speed-up: <ratio>x`` (wall time, the authors' code, else the reference, / ours)
+and, with ``floor``, ``ceiling: <ratio>x`` (the same baseline / floor): the
+speed-up ours would reach if it paid for nothing but those passes.
 
     python benchmarks/prune_speed.py                             # full settings
     python benchmarks/prune_speed.py --iterations 4              # shorter run
@@ -34,9 +40,25 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from _measure import measure, run_isolated  # noqa: E402
 
 
-VARIANTS = ("ours", "two_pass", "reference", "authors")
+VARIANTS = ("ours", "two_pass", "reference", "authors", "floor")
 LABELS = {"ours": "ntksap.prune", "two_pass": "ntksap two-pass BN", "reference": "two-model reference",
-          "authors": "authors' code"}
+          "authors": "authors' code", "floor": "floor (bare passes)"}
+
+
+def _floor_passes(model, settings, device) -> None:
+    """The passes alone: T x R x (mini-batches of num_samples) times, two eval-mode
+    forwards of ``model`` on one noise batch and a backward of their squared
+    difference to the weights, in the memory format ``ntksap.prune`` uses."""
+    from ntksap.devices import channels_last_is_safe
+    from ntksap.scores import noise_batch_sizes
+
+    fmt = torch.channels_last if channels_last_is_safe(model, device) else torch.contiguous_format
+    model = model.to(memory_format=fmt).eval()
+    sizes = noise_batch_sizes(settings["num_samples"], settings["batch_size"])
+    xs = [torch.randn(b, 3, 32, 32, device=device).contiguous(memory_format=fmt) for b in sizes]
+    for _ in range(settings["iterations"] * settings["rounds"]):
+        for x in xs:
+            (model(x) - model(x)).pow(2).sum().backward()
 
 
 def _authors_masks(args, model, settings) -> dict:
@@ -84,9 +106,12 @@ def run_variant(variant: str, args) -> dict:
                                  callback=lambda t, m, s: first.append(s) if t == 1 else None)
         elif variant == "reference":
             masks, _ = ntksap_reference(model, args.sparsity, (3, 32, 32), init_fn=kaiming_init, **settings)
-        else:
+        elif variant == "authors":
             torch.manual_seed(0)
             masks = _authors_masks(args, model, settings)
+        else:
+            _floor_passes(model, settings, device)
+            masks = {}
     res["kept"] = int(sum(m.sum() for m in masks.values()))
     res["layer_density"] = [float(m.float().mean()) for m in masks.values()]
     if variant in ("ours", "two_pass"):
@@ -123,7 +148,7 @@ def main() -> None:
     results = {v: run_isolated(__file__, v, passthrough) for v in variants}
     for v, r in results.items():
         print(f"{LABELS[v]:22s} [{r['device']:>4s}]: wall {r['seconds']:8.2f} s   cpu {r['cpu_seconds']:8.2f} s   "
-              f"peak memory {r['peak_mb']:8.1f} MB   kept {r['kept']}")
+              f"peak memory {r['peak_mb']:8.1f} MB   kept {r['kept'] if r['layer_density'] else '-'}")
     if "ours" in results and "two_pass" in results:
         o, t = results["ours"], results["two_pass"]
         a, b = torch.tensor(o["scores"]), torch.tensor(t["scores"])
@@ -145,6 +170,12 @@ def main() -> None:
         base = "authors" if "authors" in results else "reference" if "reference" in results else None
         if base:
             print(f"speed-up: {results[base]['seconds'] / o['seconds']:.2f}x (against the {LABELS[base]})")
+        if "floor" in results:
+            f = results["floor"]["seconds"]
+            print(f"ours over the floor: {o['seconds'] / f:.2f}x ({o['seconds'] - f:.2f} s beyond the bare passes)")
+            if base:
+                print(f"ceiling: {results[base]['seconds'] / f:.2f}x (the {LABELS[base]} / the floor: ours with no "
+                      f"cost beyond its passes)")
 
 
 if __name__ == "__main__":
