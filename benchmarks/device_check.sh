@@ -11,15 +11,16 @@
 #   epoch time   ResNet-20 epoch: eager, stacked K=9, torch.compile, masked, stacked masked,
 #                then stacked (masked) under torch.compile(mode="reduce-overhead") (CUDA graphs)       200 s
 #   prune memory ResNet-50 NTK-SAP prune at noise batch 64 and 256 (prune_memory.py)        120 s
-#   epoch NCHW   stacked masked, eager and with CUDA graphs, in NCHW instead of channels-last (the
-#                profile's lead: 17 % of a stacked step is cuDNN layout conversion)                 100 s
-#                (after the required parts: it gets what they left, less the projection's 20 s)
+#   epoch NCHW   lead 1: stacked masked, eager and with CUDA graphs, in NCHW instead of channels-last
+#                (17 % of a stacked step is cuDNN layout conversion)                               100 s
+#   epoch K=63   lead 2: stacked masked with K = 63 networks (one seed's 7 runs x 9 sparsities)    60 s
+#                (the leads run after the required parts, with what those left less the projection's 20 s)
 #   projection   projected hours of every named set from the epoch times                     20 s
 # Without CUDA the GPU parts print "skipped: no CUDA" and the epoch-time part runs a short CPU smoke test.
 # Installs nothing: runs with the python found there (python3, else python; or $PYTHON), with the repository
 # root on PYTHONPATH. Environment knobs: PYTHON, OUT, DEVICE_CHECK_BUDGET (total seconds, 480),
-# T_TESTS, T_PRUNE_SPEED, T_EPOCH, T_EPOCH_NCHW, T_PRUNE_MEMORY, T_PROJECTION (seconds per part),
-# EPOCH_IMAGES (25600).
+# T_TESTS, T_PRUNE_SPEED, T_EPOCH, T_PRUNE_MEMORY, T_EPOCH_NCHW, T_EPOCH_WIDE, T_PROJECTION (seconds per
+# part), EPOCH_IMAGES (25600), EPOCH_WIDE_K (63).
 set -u
 set -o pipefail
 
@@ -48,6 +49,8 @@ T_TESTS=${T_TESTS:-90}
 T_PRUNE_SPEED=${T_PRUNE_SPEED:-60}
 T_EPOCH=${T_EPOCH:-200}
 T_EPOCH_NCHW=${T_EPOCH_NCHW:-100}
+T_EPOCH_WIDE=${T_EPOCH_WIDE:-60}
+EPOCH_WIDE_K=${EPOCH_WIDE_K:-63}
 T_PRUNE_MEMORY=${T_PRUNE_MEMORY:-120}
 T_PROJECTION=${T_PROJECTION:-20}
 EPOCH_IMAGES=${EPOCH_IMAGES:-25600}
@@ -315,47 +318,64 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------------
-# epoch NCHW: the stacked masked rows again with --channels-last off, each compared with its channels-last row
-NCHW_JSON="$OUT_DIR/epoch_time_nchw.json"
-rm -f "$NCHW_JSON"
-if [ "$HAVE_CUDA" != 1 ]; then
-    echo; echo "==== epoch time NCHW ===="; echo "skipped: no CUDA"
-    add "epoch time NCHW: skipped: no CUDA"
-elif [ "$HAVE_NTKSAP_DATA" != 1 ]; then
-    echo; echo "==== epoch time NCHW ===="; echo "skipped: ntksap.data does not import (see env)"
-    add "epoch time NCHW: skipped: ntksap.data does not import"
-else
-    nchw_limit=$T_EPOCH_NCHW   # leaving the projection its time
-    room=$((BUDGET - (SECONDS - START) - 10 - T_PROJECTION))
-    [ "$room" -lt "$nchw_limit" ] && nchw_limit=$room
-    run_part "epoch time NCHW" "$nchw_limit" "$SCRATCH/epoch_nchw.log" \
-        "$PY" benchmarks/epoch_time.py --device cuda --images "$EPOCH_IMAGES" --k 9 --json "$NCHW_JSON" \
-        --channels-last off --variants "stacked_masked,stacked_masked_compile_graphs"
-    nchw_status=$(status_of "$PART_RC")
-    if [ -f "$NCHW_JSON" ]; then
-        "$PY" - "$NCHW_JSON" "$EPOCH_JSON" "$nchw_status" >"$SCRATCH/epoch_nchw_summary.txt" <<'EOF'
+# leads toward 3 GPU-hours (docs/scaling.md), after the required parts, each with what the budget has left
+# less the projection's time, each line compared with the epoch part's row of the same variant:
+#   epoch NCHW    the stacked masked rows with --channels-last off (layout conversions: 17 % of a stacked step)
+#   epoch K=wide  stacked masked with K = EPOCH_WIDE_K networks (the 7 runs x 9 sparsities of one seed share
+#                 an initialisation: 63) instead of 9
+# epoch_lead NAME JSON LIMIT EPOCH_TIME_ARGS...
+epoch_lead() {
+    local name=$1 json=$2 limit=$3
+    shift 3
+    rm -f "$json"
+    if [ "$HAVE_CUDA" != 1 ]; then
+        echo; echo "==== $name ===="; echo "skipped: no CUDA"
+        add "$name: skipped: no CUDA"
+        return 0
+    elif [ "$HAVE_NTKSAP_DATA" != 1 ]; then
+        echo; echo "==== $name ===="; echo "skipped: ntksap.data does not import (see env)"
+        add "$name: skipped: ntksap.data does not import"
+        return 0
+    fi
+    local room=$((BUDGET - (SECONDS - START) - 10 - T_PROJECTION))
+    [ "$room" -lt "$limit" ] && limit=$room
+    run_part "$name" "$limit" "$SCRATCH/$(basename "$json" .json).log" \
+        "$PY" benchmarks/epoch_time.py --device cuda --images "$EPOCH_IMAGES" --json "$json" "$@"
+    local st
+    st=$(status_of "$PART_RC")
+    if [ ! -f "$json" ]; then
+        add "$name: $st, no results"
+        return 0
+    fi
+    "$PY" - "$json" "$EPOCH_JSON" "$name" "$st" >"$SCRATCH/lead_summary.txt" <<'EOF'
 import json, os, sys
 d = json.load(open(sys.argv[1]))
-cl = json.load(open(sys.argv[2]))["rows"] if os.path.exists(sys.argv[2]) else {}
-print(f"epoch time NCHW (channels-last off, else as above): part {sys.argv[3]}")
+base = json.load(open(sys.argv[2])) if os.path.exists(sys.argv[2]) else None
+name, status = sys.argv[3], sys.argv[4]
+layout = lambda j: "channels-last" if j["channels_last"] else "NCHW"
+than = f"the epoch part: K={base['k']}, {layout(base)}" if base else "the epoch part: no results"
+print(f"{name} (K={d['k']}, {layout(d)}; {than}): part {status}")
+base = base or {"rows": {}}
 for v, r in d["rows"].items():
     if r.get("status") != "ok":
-        print(f"epoch time NCHW {v}: {r.get('status')}")
+        print(f"{name} {v}: {r.get('status')}")
         continue
-    s = f"epoch time NCHW {v}: {r['per_network_epoch_s']:.2f} s per network"
+    s = f"{name} {v}: {r['per_network_epoch_s']:.2f} s per network"
     if "compile" in v:
         s += f" (compile {r['compile_s']:.0f} s once)"
-    base = cl.get(v, {})
-    if base.get("status") == "ok":
-        s += (f", channels-last {base['per_network_epoch_s']:.2f} s: NCHW "
-              f"{base['per_network_epoch_s'] / r['per_network_epoch_s']:.2f}x")
+    b = base["rows"].get(v, {})
+    if b.get("status") == "ok":
+        s += (f"; the epoch part's row {b['per_network_epoch_s']:.2f} s: "
+              f"{b['per_network_epoch_s'] / r['per_network_epoch_s']:.2f}x")
     print(s)
 EOF
-        while IFS= read -r l; do add "$l"; done <"$SCRATCH/epoch_nchw_summary.txt"
-    else
-        add "epoch time NCHW: $nchw_status, no results"
-    fi
-fi
+    while IFS= read -r l; do add "$l"; done <"$SCRATCH/lead_summary.txt"
+}
+
+epoch_lead "epoch NCHW" "$OUT_DIR/epoch_time_nchw.json" "$T_EPOCH_NCHW" \
+    --k 9 --channels-last off --variants "stacked_masked,stacked_masked_compile_graphs"
+epoch_lead "epoch K=$EPOCH_WIDE_K" "$OUT_DIR/epoch_time_wide.json" "$T_EPOCH_WIDE" \
+    --k "$EPOCH_WIDE_K" --variants "stacked_masked"
 
 # ---------------------------------------------------------------------------------------------------
 if [ ! -f "$EPOCH_JSON" ]; then
