@@ -35,8 +35,8 @@ restored in ``finally``.
 How ``"eval"``/``"running"`` are computed fast (ResNet-20, n=100, k=10: see
 ``benchmarks/ntk_speed.py``): one forward pass per chunk of inputs with a zero
 "tap" added to the output of every leaf module that owns parameters, then one
-``torch.func.vjp`` with respect to the taps, ``vmap``-ed over the ``k`` output
-units, gives the gradient at each tap for every (input, unit) pair (the inputs
+backward pass with respect to the taps, batched over the ``k`` output units
+(``torch.autograd.grad(..., is_grads_batched=True)``), gives the gradient at each tap for every (input, unit) pair (the inputs
 are independent, so the gradient of the sum over inputs separates them); each
 module's per-sample Jacobian follows from its input
 and that gradient (unfold + batched matmul for Conv2d, closed forms for Linear
@@ -383,9 +383,8 @@ class _PerSampleNTK:
         """Jacobian blocks (or tap gradients) of inputs lo..hi-1."""
         xs, k, s = self.x[lo:hi], self.k, hi - lo
         if self.blocks:
-            sizes = [s * math.prod(b.out_shape) for b in self.blocks]
-            flat = torch.zeros(sum(sizes), device=xs.device, dtype=self.dtype).split(sizes)
-            taps = {b.name: t.view(s, *b.out_shape) for b, t in zip(self.blocks, flat)}
+            taps = {b.name: torch.zeros((s, *b.out_shape), device=xs.device, dtype=self.dtype, requires_grad=True)
+                    for b in self.blocks}
 
             def f(t):
                 self.taps, self.inputs = t, {}
@@ -401,15 +400,21 @@ class _PerSampleNTK:
                 return out.reshape(s, -1), {n: a for n, (a, _) in self.inputs.items()}
 
             # the chunk's inputs are independent, so the gradient of sum_i f_ic at a tap is
-            # the per-sample gradient of each f_ic: one vjp, vmapped over the k output units
-            out, pullback, inputs = vjp(f, taps, has_aux=True)
+            # the per-sample gradient of each f_ic: one backward, batched over the k output units
+            # (autograd's is_grads_batched: unlike torch.func.vjp it does not import torch._dynamo,
+            # 1.4 s of every process that computes an NTK, and it is faster here)
+            with torch.enable_grad():
+                out, inputs = f(taps)
             self.taps, self.inputs = {}, {}
             if self.changed and not self.clone_inputs:  # a module input was changed in place after use:
                 self.clone_inputs = True           # redo this chunk with copies of the inputs
                 return self._run_chunk(lo, hi)
             eye = torch.eye(k, device=xs.device, dtype=out.dtype)
-            grads = vmap(pullback)(eye.unsqueeze(1).expand(k, s, k))[0]  # name -> (k, s, *out_shape)
-            del out, pullback
+            found = torch.autograd.grad(out, list(taps.values()), eye.unsqueeze(1).expand(k, s, k),
+                                        is_grads_batched=True, allow_unused=True)
+            grads = {n: g if g is not None else t.new_zeros((k, *t.shape))   # name -> (k, s, *out_shape); zero
+                     for (n, t), g in zip(taps.items(), found)}              # where the output does not depend on it
+            del out, found
             for b in self.blocks:
                 a, g = inputs.pop(b.name), grads.pop(b.name).transpose(0, 1)
                 if b.keep_taps:
@@ -510,8 +515,9 @@ def _train_mode_ntk(model, x, masks, scope, eff, buffers, chunk_size, progress) 
             _check_output(out, x.shape[0])
             return out.reshape(-1)
 
+        leaves = {n: v.detach().requires_grad_(True) for n, v in wrt.items()}
         with torch.enable_grad():
-            out, pullback = vjp(f, wrt)
+            out = f(leaves)
         rows = out.numel()
         eye = torch.eye(rows, device=x.device, dtype=out.dtype)
         chunk = chunk_size or 64
@@ -519,7 +525,9 @@ def _train_mode_ntk(model, x, masks, scope, eff, buffers, chunk_size, progress) 
                         device=x.device, dtype=out.dtype)
         for lo in tqdm(range(0, rows, chunk), desc="ntk: rows", disable=not progress, leave=False):
             hi = min(rows, lo + chunk)
-            jac = vmap(pullback)(eye[lo:hi])[0]
+            grads = torch.autograd.grad(out, list(leaves.values()), eye[lo:hi], retain_graph=True,
+                                        is_grads_batched=True, allow_unused=True)
+            jac = {n: g if g is not None else v.new_zeros((hi - lo, *v.shape)) for (n, v), g in zip(leaves.items(), grads)}
             J[lo:hi] = _compress({n: v.unsqueeze(1) for n, v in jac.items()}, scope, index).squeeze(1)
     return _gram(iter([J]), rows, x.device, progress)
 

@@ -111,10 +111,24 @@ class InPlaceNet(nn.Module):
         return y + self.fc3(h)
 
 
+class DeadBranchNet(nn.Module):
+    """A leaf module that runs on every input but whose output never reaches the network's."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 7)
+        self.dead = nn.Linear(5, 4)
+        self.fc2 = nn.Linear(7, 3)
+
+    def forward(self, x):
+        self.last_dead = self.dead(x)
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
 def make(kind: str, dtype=torch.float64, seed: int = 0):
     torch.manual_seed(seed)
     model, shape = {"mlp": (TinyMLP, (5,)), "conv": (TinyConvBN, (2, 6, 6)), "odd": (OddNet, (2, 6, 6)),
-                    "inplace": (InPlaceNet, (5,))}[kind]
+                    "inplace": (InPlaceNet, (5,)), "dead": (DeadBranchNet, (5,))}[kind]
     model = model().to(dtype)
     for m in model.modules():  # non-trivial BN affine parameters and running statistics
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -196,6 +210,25 @@ def test_matches_backward_loop(kind, bn):
     assert theta.dtype == torch.float64 and theta.shape == (J.shape[0], J.shape[0])
     assert rel(theta, J @ J.T) < 1e-5
     assert float((theta - J @ J.T).abs().max()) < 1e-5 * float(theta.abs().max())
+
+
+@pytest.mark.parametrize("bn", ["eval", "train"])
+def test_module_whose_output_is_unused(bn):
+    """Its tap gets no gradient (autograd returns none): its Jacobian columns are zero, as the loop's."""
+    model, x = make("dead")
+    J = loop_jacobian(model, x, bn=bn)
+    assert rel(ntk.empirical_ntk(model, x, bn=bn), J @ J.T) < 1e-10
+
+
+def test_ntk_does_not_import_dynamo():
+    """The per-sample backward is autograd's batched grad, not torch.func.vjp (whose pullback
+    imports torch._dynamo: 1.4 s of every prune stage's process that records an NTK)."""
+    code = ("import sys, torch, ntksap; from ntksap import ntk; torch.manual_seed(0); "
+            "x = torch.randn(4, 1, 8, 8); ntk.empirical_ntk(ntksap.build_model('digits_cnn', 10), x); "
+            "ntk.empirical_ntk(ntksap.build_model('digits_cnn', 10), x, bn='train'); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split() == ["False"]
 
 
 def test_input_changed_in_place_after_the_module():
