@@ -61,12 +61,13 @@ SUMMARY=()
 
 add() { SUMMARY+=("$1"); }
 
-# run_part NAME SECONDS LOGFILE CMD...: run CMD under `timeout` (shortened to what the budget has left),
-# its output to the screen and to LOGFILE; sets PART_RC (124: timed out) and never stops the script.
+# run_part NAME SECONDS LOGFILE CMD...: run CMD under `timeout` (shortened to what the budget has left, less
+# RESERVE_S seconds kept for later parts), its output to the screen and to LOGFILE; sets PART_RC (124: timed
+# out) and never stops the script.
 run_part() {
     local name=$1 limit=$2 log=$3
     shift 3
-    local left=$((BUDGET - (SECONDS - START) - 10))
+    local left=$((BUDGET - (SECONDS - START) - 10 - ${RESERVE_S:-0}))
     if [ "$left" -lt "$limit" ]; then limit=$left; fi
     echo
     echo "==== $name (limit ${limit} s, $((SECONDS - START)) s elapsed) ===="
@@ -337,9 +338,7 @@ epoch_lead() {
         add "$name: skipped: ntksap.data does not import"
         return 0
     fi
-    local room=$((BUDGET - (SECONDS - START) - 10 - T_PROJECTION))
-    [ "$room" -lt "$limit" ] && limit=$room
-    run_part "$name" "$limit" "$SCRATCH/$(basename "$json" .json).log" \
+    RESERVE_S=$T_PROJECTION run_part "$name" "$limit" "$SCRATCH/$(basename "$json" .json).log" \
         "$PY" benchmarks/epoch_time.py --device cuda --images "$EPOCH_IMAGES" --json "$json" "$@"
     local st
     st=$(status_of "$PART_RC")

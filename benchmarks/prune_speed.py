@@ -50,12 +50,13 @@ def _floor_passes(model, settings, device) -> None:
     forwards of ``model`` on one noise batch and a backward of their squared
     difference to the weights, in the memory format ``ntksap.prune`` uses."""
     from ntksap.devices import channels_last_is_safe
+    from ntksap.functional import to_format
     from ntksap.scores import noise_batch_sizes
 
-    fmt = torch.channels_last if channels_last_is_safe(model, device) else torch.contiguous_format
-    model = model.to(memory_format=fmt).eval()
+    cl = channels_last_is_safe(model, device)
+    model = (model.to(memory_format=torch.channels_last) if cl else model).eval()
     sizes = noise_batch_sizes(settings["num_samples"], settings["batch_size"])
-    xs = [torch.randn(b, 3, 32, 32, device=device).contiguous(memory_format=fmt) for b in sizes]
+    xs = [to_format(torch.randn(b, 3, 32, 32, device=device), cl) for b in sizes]
     for _ in range(settings["iterations"] * settings["rounds"]):
         for x in xs:
             (model(x) - model(x)).pow(2).sum().backward()

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def child(kind: str, seed: int, runs: list[str], params_file: str, work: Path) -> dict:
@@ -75,7 +77,6 @@ def main(argv=None) -> None:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.runs, args.params, Path(args.work))))
         return
 
-    sys.path.insert(0, str(ROOT))
     from ntksap import layout, params
 
     cfg = params.load_params(ROOT / args.params)

@@ -36,7 +36,8 @@ How ``"eval"``/``"running"`` are computed fast (ResNet-20, n=100, k=10: see
 ``benchmarks/ntk_speed.py``): one forward pass per chunk of inputs with a zero
 "tap" added to the output of every leaf module that owns parameters, then one
 backward pass with respect to the taps, batched over the ``k`` output units
-(``torch.autograd.grad(..., is_grads_batched=True)``), gives the gradient at each tap for every (input, unit) pair (the inputs
+(``torch.autograd.grad(..., is_grads_batched=True)``), gives the gradient at
+each tap for every (input, unit) pair (the inputs
 are independent, so the gradient of the sum over inputs separates them); each
 module's per-sample Jacobian follows from its input
 and that gradient (unfold + batched matmul for Conv2d, closed forms for Linear
@@ -143,6 +144,18 @@ def _check_output(out, n: int) -> None:
     if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != n:
         raise ValueError(f"model: the output must be a tensor (n, ...) with one row per input, got "
                          f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))} for n={n}")
+
+
+def _batched_grads(out: Tensor, wrt: Mapping[str, Tensor], grad_outputs: Tensor, **kw) -> dict[str, Tensor]:
+    """name -> the gradients of ``out`` at each ``wrt[name]`` for every row of
+    ``grad_outputs`` ((rows, *out.shape): shape (rows, *wrt[name].shape)), in one
+    batched backward (``torch.autograd.grad(..., is_grads_batched=True)``; unlike
+    ``torch.func.vjp`` it does not import ``torch._dynamo``, 1.4 s of every
+    process). Zero where ``out`` does not depend on ``wrt[name]``."""
+    grads = torch.autograd.grad(out, list(wrt.values()), grad_outputs, is_grads_batched=True, allow_unused=True,
+                                **kw)
+    rows = grad_outputs.shape[0]
+    return {n: g if g is not None else t.new_zeros((rows, *t.shape)) for (n, t), g in zip(wrt.items(), grads)}
 
 
 def _prepare(model, inputs, masks, bn, params):
@@ -401,8 +414,6 @@ class _PerSampleNTK:
 
             # the chunk's inputs are independent, so the gradient of sum_i f_ic at a tap is
             # the per-sample gradient of each f_ic: one backward, batched over the k output units
-            # (autograd's is_grads_batched: unlike torch.func.vjp it does not import torch._dynamo,
-            # 1.4 s of every process that computes an NTK, and it is faster here)
             with torch.enable_grad():
                 out, inputs = f(taps)
             self.taps, self.inputs = {}, {}
@@ -410,11 +421,8 @@ class _PerSampleNTK:
                 self.clone_inputs = True           # redo this chunk with copies of the inputs
                 return self._run_chunk(lo, hi)
             eye = torch.eye(k, device=xs.device, dtype=out.dtype)
-            found = torch.autograd.grad(out, list(taps.values()), eye.unsqueeze(1).expand(k, s, k),
-                                        is_grads_batched=True, allow_unused=True)
-            grads = {n: g if g is not None else t.new_zeros((k, *t.shape))   # name -> (k, s, *out_shape); zero
-                     for (n, t), g in zip(taps.items(), found)}              # where the output does not depend on it
-            del out, found
+            grads = _batched_grads(out, taps, eye.unsqueeze(1).expand(k, s, k))  # name -> (k, s, *out_shape)
+            del out
             for b in self.blocks:
                 a, g = inputs.pop(b.name), grads.pop(b.name).transpose(0, 1)
                 if b.keep_taps:
@@ -525,9 +533,7 @@ def _train_mode_ntk(model, x, masks, scope, eff, buffers, chunk_size, progress) 
                         device=x.device, dtype=out.dtype)
         for lo in tqdm(range(0, rows, chunk), desc="ntk: rows", disable=not progress, leave=False):
             hi = min(rows, lo + chunk)
-            grads = torch.autograd.grad(out, list(leaves.values()), eye[lo:hi], retain_graph=True,
-                                        is_grads_batched=True, allow_unused=True)
-            jac = {n: g if g is not None else v.new_zeros((hi - lo, *v.shape)) for (n, v), g in zip(leaves.items(), grads)}
+            jac = _batched_grads(out, leaves, eye[lo:hi], retain_graph=True)
             J[lo:hi] = _compress({n: v.unsqueeze(1) for n, v in jac.items()}, scope, index).squeeze(1)
     return _gram(iter([J]), rows, x.device, progress)
 

@@ -220,6 +220,15 @@ def test_module_whose_output_is_unused(bn):
     assert rel(ntk.empirical_ntk(model, x, bn=bn), J @ J.T) < 1e-10
 
 
+@pytest.mark.parametrize("bn", ["eval", "train"])
+def test_callers_grad_mode_does_not_matter(bn):
+    """The batched backward enables grad itself: under the caller's no_grad the matrix is the same."""
+    model, x = make("conv")
+    ref = ntk.empirical_ntk(model, x, bn=bn)
+    with torch.no_grad():
+        assert torch.equal(ntk.empirical_ntk(model, x, bn=bn), ref)
+
+
 def test_ntk_does_not_import_dynamo():
     """The per-sample backward is autograd's batched grad, not torch.func.vjp (whose pullback
     imports torch._dynamo: 1.4 s of every prune stage's process that records an NTK)."""
