@@ -45,7 +45,7 @@ def startup_notebook(path: Path, extra_import: str = "") -> Path:
 def run(command: list[str], notebook: Path, out: Path) -> float:
     t0 = time.perf_counter()
     subprocess.run([*command, str(notebook), str(out), "-k", "ntksap", "--no-progress-bar", "--log-level", "ERROR",
-                    "-p", "run", "ntksap", "-p", "seed", "0"], cwd=ROOT, check=True, capture_output=True)
+                    "-p", "seed", "0"], cwd=ROOT, check=True, capture_output=True)
     return time.perf_counter() - t0
 
 

@@ -1,22 +1,24 @@
 """Where every result of the pipeline lives: the paths of ``results/<experiment>/`` and the sparsity tags.
 
-``dvc.yaml`` writes the same paths (``tests/test_pipeline.py`` checks that they agree)::
+``dvc.yaml`` writes the same paths (``tests/test_pipeline.py`` checks that they agree). The prune and
+train stages run once per seed, over every run; inside a seed's folder each run has its own::
 
     params.ok                               the check stage passed (constant text)
-    prune/<run>-<seed>/                     init.pt (the original init), masks/<tag>.pt, masks.csv, density.csv,
-                                            track.csv, track_spectra.csv, scores.csv: deterministic files only,
-                                            what train, spectrum and plot read
-    train/<run>-<seed>/                     <tag>/ (model.pt, history.csv, metrics.json), results.csv, history.csv
+    masks/seed-<s>/<run>/                   init.pt (the original init), <tag>.pt (the masks), masks.csv: what
+                                            train and spectrum read
+    prune/seed-<s>/<run>/                   density.csv, track.csv, track_spectra.csv, scores.csv: what the
+                                            plot reads of the pruning (deterministic files only)
+    train/seed-<s>/<run>/                   <tag>/ (model.pt, history.csv, metrics.json), results.csv, history.csv
     spectrum/                               eigenvalues.csv, summary.csv, ntk_spectrum.png/pdf
     plots/                                  accuracy.csv, table.md/csv, figures (png, pdf)
     series/accuracy/<run>.csv               `dvc plots` data (committed to git)
     series/curves/<run>.csv
     metrics.json                            `dvc metrics show` (committed to git)
-    notebooks/prune/<run>-<seed>.ipynb      the executed notebooks; nothing downstream reads them
-    notebooks/train/<run>-<seed>.ipynb
+    notebooks/prune/seed-<s>.ipynb          the executed notebooks; nothing downstream reads them
+    notebooks/train/seed-<s>.ipynb
     notebooks/spectrum.ipynb, notebooks/plot.ipynb
-    timings/prune/<run>-<seed>.csv          sparsity, tag, seconds: everything that measures time, which
-    timings/train/<run>-<seed>.csv          nothing downstream reads (sparsity, epoch, epoch_time)
+    timings/prune/seed-<s>.csv              run, sparsity, tag, seconds: everything that measures time, which
+    timings/train/seed-<s>.csv              nothing downstream reads (run, sparsity, epoch, epoch_time)
     checkpoints/<run>-<seed>/<tag>-<key>/   where training runs and resumes; not a DVC output, safe to delete
 
 The prepared datasets (the prepare stage's output) are ``data/prepared/<dataset>.pt``.
@@ -36,8 +38,8 @@ if TYPE_CHECKING:
 
 RESULTS = "results"
 PREPARED = Path("data") / "prepared"
-RUN_STAGES = ("prune", "train")               # one stage per run and seed
-NOTEBOOK_STAGES = (*RUN_STAGES, "spectrum", "plot")
+SEED_STAGES = ("prune", "train")              # one stage per seed, covering every run
+NOTEBOOK_STAGES = (*SEED_STAGES, "spectrum", "plot")
 
 
 # -- the repository -------------------------------------------------------------------------------
@@ -81,9 +83,9 @@ def sparsity_label(sparsity: float) -> str:
 
 
 def mask_file(tag: str) -> str:
-    """The masks of sparsity ``tag`` inside a prune folder: ``masks/<tag>.pt``
+    """The masks of sparsity ``tag`` inside a run's masks folder: ``<tag>.pt``
     (the ``path`` column of ``masks.csv``)."""
-    return f"masks/{tag}.pt"
+    return f"{tag}.pt"
 
 
 # -- results/<experiment>/ --------------------------------------------------------------------------
@@ -97,19 +99,38 @@ def run_name(run: str, seed: int) -> str:
     return f"{run}-{seed}"
 
 
+def seed_name(seed: int) -> str:
+    """The name of one seed's stage and folders: ``seed-<seed>``."""
+    return f"seed-{seed}"
+
+
 def params_ok_path(cfg: Params) -> Path:
     """The check stage's stamp: ``params.ok``."""
     return results_dir(cfg) / "params.ok"
 
 
+def stage_dir(what: str, cfg: Params, seed: int) -> Path:
+    """One seed's output folder of a prune or train stage, holding a folder per run:
+    ``masks/seed-<s>``, ``prune/seed-<s>`` (both the prune stage's) or ``train/seed-<s>``."""
+    check_choice("what", what, ("masks", *SEED_STAGES))
+    return results_dir(cfg) / what / seed_name(seed)
+
+
+def masks_dir(cfg: Params, run: str, seed: int) -> Path:
+    """What the prune stage keeps of one run and seed for training: ``masks/seed-<s>/<run>``
+    (``init.pt``, ``<tag>.pt``, ``masks.csv``)."""
+    return stage_dir("masks", cfg, seed) / run
+
+
 def prune_dir(cfg: Params, run: str, seed: int) -> Path:
-    """The prune stage's output for one run and seed: ``prune/<run>-<seed>``."""
-    return results_dir(cfg) / "prune" / run_name(run, seed)
+    """The prune stage's record of one run and seed: ``prune/seed-<s>/<run>``
+    (``density.csv``, ``track.csv``, ``track_spectra.csv``, ``scores.csv``)."""
+    return stage_dir("prune", cfg, seed) / run
 
 
 def train_dir(cfg: Params, run: str, seed: int) -> Path:
-    """The train stage's output for one run and seed: ``train/<run>-<seed>``."""
-    return results_dir(cfg) / "train" / run_name(run, seed)
+    """The train stage's output for one run and seed: ``train/seed-<s>/<run>``."""
+    return stage_dir("train", cfg, seed) / run
 
 
 def spectrum_dir(cfg: Params) -> Path:
@@ -138,30 +159,30 @@ def checkpoints_dir(cfg: Params, run: str, seed: int) -> Path:
     return results_dir(cfg) / "checkpoints" / run_name(run, seed)
 
 
-def _run_stage(function: str, stage: str, run: str | None, seed: int | None) -> str:
-    """``<run>-<seed>`` of a per-run stage; refuses a run and seed for the others."""
-    if stage in RUN_STAGES:
-        if run is None or seed is None:
-            raise ValueError(f"{function}({stage!r}, ...) needs run and seed (one notebook per run and seed)")
-        return run_name(run, seed)
-    if run is not None or seed is not None:
-        raise ValueError(f"{function}({stage!r}, ...) takes no run or seed: the {stage} stage covers every run")
+def _seed_stage(function: str, stage: str, seed: int | None) -> str:
+    """``seed-<s>`` of a per-seed stage; refuses a seed for the others."""
+    if stage in SEED_STAGES:
+        if seed is None:
+            raise ValueError(f"{function}({stage!r}, ...) needs a seed (one notebook per seed)")
+        return seed_name(seed)
+    if seed is not None:
+        raise ValueError(f"{function}({stage!r}, ...) takes no seed: the {stage} stage covers every seed")
     return stage
 
 
-def notebook_path(stage: str, cfg: Params, run: str | None = None, seed: int | None = None) -> Path:
-    """The executed notebook of a stage: ``notebooks/prune/<run>-<seed>.ipynb``,
-    ``notebooks/train/<run>-<seed>.ipynb``, ``notebooks/spectrum.ipynb``, ``notebooks/plot.ipynb``."""
+def notebook_path(stage: str, cfg: Params, seed: int | None = None) -> Path:
+    """The executed notebook of a stage: ``notebooks/prune/seed-<s>.ipynb``,
+    ``notebooks/train/seed-<s>.ipynb``, ``notebooks/spectrum.ipynb``, ``notebooks/plot.ipynb``."""
     check_choice("stage", stage, NOTEBOOK_STAGES)
-    name = _run_stage("notebook_path", stage, run, seed)
+    name = _seed_stage("notebook_path", stage, seed)
     folder = results_dir(cfg) / "notebooks"
-    return (folder / stage if stage in RUN_STAGES else folder) / f"{name}.ipynb"
+    return (folder / stage if stage in SEED_STAGES else folder) / f"{name}.ipynb"
 
 
-def timings_path(stage: str, cfg: Params, run: str, seed: int) -> Path:
-    """What a prune or train stage measured in seconds: ``timings/<stage>/<run>-<seed>.csv``."""
-    check_choice("stage", stage, RUN_STAGES)
-    return results_dir(cfg) / "timings" / stage / f"{_run_stage('timings_path', stage, run, seed)}.csv"
+def timings_path(stage: str, cfg: Params, seed: int) -> Path:
+    """What a prune or train stage measured in seconds: ``timings/<stage>/seed-<s>.csv``."""
+    check_choice("stage", stage, SEED_STAGES)
+    return results_dir(cfg) / "timings" / stage / f"{_seed_stage('timings_path', stage, seed)}.csv"
 
 
 def prepared_path(dataset: str) -> Path:

@@ -16,7 +16,9 @@ machine made the quick experiment 20-70x slower in our measurements, as
 waiting OpenMP threads spin for a core. The paper's models use every core:
 ResNet-20 trains 1.44x faster on 2 threads than on 1 (180 s against 259 s an
 epoch on the 2-core development CPU, ``python benchmarks/epoch_time.py
---variants masked --threads N``)."""
+--variants masked --threads N``). The prune and train stages put the cores
+that one thread leaves idle to work with worker processes, one run each
+(:mod:`ntksap.parallel`)."""
 
 
 def setup() -> Path:

@@ -1,7 +1,7 @@
 """An experiment's results collected: frames of every run and seed, summaries, Table 1, metrics, plot series.
 
-What the plot stage reads and writes: ``train/<run>-<seed>/{results,history}.csv`` and the prune
-stage's CSV files in, the summary, Table 1 (``to_markdown``), ``metrics.json`` (:func:`write_metrics`) and
+What the plot stage reads and writes: ``train/seed-<s>/<run>/{results,history}.csv`` and the prune
+stage's CSV files (``prune/seed-<s>/<run>/``) in, the summary, Table 1 (``to_markdown``), ``metrics.json`` (:func:`write_metrics`) and
 the ``dvc plots`` series (:func:`write_dvc_series`) out.
 """
 
@@ -17,7 +17,7 @@ import pandas as pd
 
 from .checks import check_choice
 from .files import atomic_write_text
-from .layout import prune_dir, sparsity_label, sparsity_tag, train_dir
+from .layout import masks_dir, prune_dir, sparsity_label, sparsity_tag, train_dir
 from .params import DENSE
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def collect_results(cfg: Params) -> pd.DataFrame:
     """Metrics of every (run, seed, sparsity): columns run, label, method,
     seed, sparsity, test_top1, test_top5, ... (after the last epoch),
     best_test_top1, best_test_top5, best_epoch (the epoch with the highest
-    test top-1) from ``train/<run>-<seed>/results.csv``; ``best_*`` missing
+    test top-1) from ``train/seed-<s>/<run>/results.csv``; ``best_*`` missing
     there are filled in from that folder's ``history.csv``."""
     frames = []
     for run, seed in _runs_seeds(cfg):
@@ -113,11 +113,12 @@ def collect_histories(cfg: Params) -> pd.DataFrame:
 
 
 def collect_prune_frames(cfg: Params, name: str) -> pd.DataFrame:
-    """One of the prune stage's CSV files (``density``, ``track``, ``scores``,
-    ``masks``) for every run and seed, with run, label and seed columns."""
+    """One of the prune stage's CSV files (``density``, ``track``,
+    ``track_spectra``, ``scores`` in ``prune/``; ``masks`` in ``masks/``) for
+    every run and seed, with run, label and seed columns."""
     frames = []
     for run, seed in _runs_seeds(cfg):
-        path = prune_dir(cfg, run, seed) / f"{name}.csv"
+        path = (masks_dir if name == "masks" else prune_dir)(cfg, run, seed) / f"{name}.csv"
         if path.stat().st_size == 0:
             continue
         try:

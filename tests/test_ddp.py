@@ -162,7 +162,7 @@ def test_ddp_train_stage_launches_torchrun_when_train_processes_is_2(data_root, 
         ckpt = train.load_checkpoint(path)
         assert all(m["fingerprint"]["world_size"] == 2 for m in ckpt["members"]) and ckpt["epoch"] == 2
     for row, folder in zip(res.itertuples(), members):
-        masks = Masks.load(tmp_path / "p" / "masks" / f"{row.tag}.pt")
+        masks = Masks.load(tmp_path / "p" / f"{row.tag}.pt")
         state = torch.load(tmp_path / "t" / row.tag / "model.pt", weights_only=True)
         for n, m in masks.items():
             assert bool((state[n][m == 0] == 0).all()), n

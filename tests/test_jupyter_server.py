@@ -33,7 +33,7 @@ nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PIPELINE_NOTEBOOK = ROOT / "results" / "quick" / "notebooks" / "prune" / "ntksap-0.ipynb"
+PIPELINE_NOTEBOOK = ROOT / "results" / "quick" / "notebooks" / "prune" / "seed-0.ipynb"
 IMAGES = ("image/png", "image/svg+xml")
 START_TIMEOUT = 90.0  # seconds for `jupyter lab` to answer /api/status
 # urllib without the environment's proxies: the server is on 127.0.0.1

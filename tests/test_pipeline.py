@@ -51,27 +51,32 @@ def test_layout_names_every_result_path():
     cfg = params.parse_params(config.compose("micro"))
     r = Path("results/micro")
     assert layout.results_dir(cfg) == r and layout.params_ok_path(cfg) == r / "params.ok"
-    assert layout.prune_dir(cfg, "snip", 2) == r / "prune/snip-2"
-    assert layout.train_dir(cfg, "snip", 2) == r / "train/snip-2"
+    assert layout.masks_dir(cfg, "snip", 2) == r / "masks/seed-2/snip"
+    assert layout.prune_dir(cfg, "snip", 2) == r / "prune/seed-2/snip"
+    assert layout.train_dir(cfg, "snip", 2) == r / "train/seed-2/snip"
+    assert [layout.stage_dir(w, cfg, 2) for w in ("masks", "prune", "train")] == \
+        [r / "masks/seed-2", r / "prune/seed-2", r / "train/seed-2"]
     assert layout.spectrum_dir(cfg) == r / "spectrum" and layout.plots_dir(cfg) == r / "plots"
     assert layout.series_dir(cfg) == r / "series" and layout.metrics_path(cfg) == r / "metrics.json"
     assert layout.checkpoints_dir(cfg, "snip", 2) == r / "checkpoints/snip-2"
-    assert layout.notebook_path("prune", cfg, "snip", 2) == r / "notebooks/prune/snip-2.ipynb"
-    assert layout.notebook_path("train", cfg, "snip", 2) == r / "notebooks/train/snip-2.ipynb"
+    assert layout.notebook_path("prune", cfg, 2) == r / "notebooks/prune/seed-2.ipynb"
+    assert layout.notebook_path("train", cfg, 2) == r / "notebooks/train/seed-2.ipynb"
     assert layout.notebook_path("spectrum", cfg) == r / "notebooks/spectrum.ipynb"
     assert layout.notebook_path("plot", cfg) == r / "notebooks/plot.ipynb"
-    assert layout.timings_path("prune", cfg, "snip", 2) == r / "timings/prune/snip-2.csv"
-    assert layout.timings_path("train", cfg, "snip", 2) == r / "timings/train/snip-2.csv"
+    assert layout.timings_path("prune", cfg, 2) == r / "timings/prune/seed-2.csv"
+    assert layout.timings_path("train", cfg, 2) == r / "timings/train/seed-2.csv"
     assert layout.prepared_path("cifar10") == Path("data/prepared/cifar10.pt")
-    assert layout.mask_file("sp50_00") == "masks/sp50_00.pt"
+    assert layout.mask_file("sp50_00") == "sp50_00.pt"
     with pytest.raises(ValueError, match=r"stage='trian' is not allowed \(did you mean 'train'\?\)"):
-        layout.notebook_path("trian", cfg, "snip", 2)
+        layout.notebook_path("trian", cfg, 2)
     with pytest.raises(ValueError, match="stage='plot' is not allowed; allowed: one of 'prune', 'train'"):
-        layout.timings_path("plot", cfg, "snip", 2)
-    with pytest.raises(ValueError, match="needs run and seed"):
+        layout.timings_path("plot", cfg, 2)
+    with pytest.raises(ValueError, match="what='spectrum' is not allowed"):
+        layout.stage_dir("spectrum", cfg, 2)
+    with pytest.raises(ValueError, match="needs a seed"):
         layout.notebook_path("prune", cfg)
-    with pytest.raises(ValueError, match="takes no run or seed"):
-        layout.notebook_path("plot", cfg, "snip", 2)
+    with pytest.raises(ValueError, match="takes no seed"):
+        layout.notebook_path("plot", cfg, 2)
 
 
 def test_each_stage_and_figure_module_imports_only_what_it_uses():
@@ -150,14 +155,17 @@ def test_paths_in_dvc_yaml_match_the_helpers():
     with Repo(str(ROOT)) as repo:
         outs = {s.addressing: {str(Path(o.fs_path).relative_to(ROOT)) for o in s.outs} for s in repo.index.stages}
     as_str = lambda *paths: {str(p) for p in paths}  # noqa: E731
-    for run in cfg.runs:
-        for seed in cfg.seeds:
-            assert outs[f"prune@{run}-{seed}"] == as_str(layout.prune_dir(cfg, run, seed),
-                                                         layout.notebook_path("prune", cfg, run, seed),
-                                                         layout.timings_path("prune", cfg, run, seed))
-            assert outs[f"train@{run}-{seed}"] == as_str(layout.train_dir(cfg, run, seed),
-                                                         layout.notebook_path("train", cfg, run, seed),
-                                                         layout.timings_path("train", cfg, run, seed))
+    for seed in cfg.seeds:
+        assert outs[f"prune@{seed}"] == as_str(layout.stage_dir("masks", cfg, seed), layout.stage_dir("prune", cfg, seed),
+                                               layout.notebook_path("prune", cfg, seed),
+                                               layout.timings_path("prune", cfg, seed))
+        assert outs[f"train@{seed}"] == as_str(layout.stage_dir("train", cfg, seed),
+                                               layout.notebook_path("train", cfg, seed),
+                                               layout.timings_path("train", cfg, seed))
+        for run in cfg.runs:  # each run's folders inside its seed's
+            assert layout.masks_dir(cfg, run, seed).parent == layout.stage_dir("masks", cfg, seed)
+            assert layout.prune_dir(cfg, run, seed).parent == layout.stage_dir("prune", cfg, seed)
+            assert layout.train_dir(cfg, run, seed).parent == layout.stage_dir("train", cfg, seed)
     assert outs["check"] == as_str(layout.params_ok_path(cfg))
     assert outs["spectrum"] == as_str(layout.spectrum_dir(cfg), layout.notebook_path("spectrum", cfg))
     plot = as_str(layout.plots_dir(cfg), layout.notebook_path("plot", cfg), layout.metrics_path(cfg))
@@ -168,8 +176,8 @@ def test_paths_in_dvc_yaml_match_the_helpers():
     assert any(o == series or o.startswith(series + "/") for o in outs["plot"])
     prepare = {a for a in outs if a.split("@")[0] == "prepare"}
     assert any(str(layout.prepared_path(cfg.dataset)) in outs[a] for a in prepare), prepare
-    assert set(outs) - prepare == {"check", "spectrum", "plot"} | {f"{st}@{r}-{s}" for st in ("prune", "train")
-                                                                   for r in cfg.runs for s in cfg.seeds}
+    assert set(outs) - prepare == {"check", "spectrum", "plot"} | {f"{st}@{s}" for st in ("prune", "train")
+                                                                   for s in cfg.seeds}
 
 
 def test_summaries_and_table_match_a_naive_computation():
@@ -228,29 +236,42 @@ def test_prune_kwargs_follow_the_run():
 def test_prune_and_train_helpers_with_zero_epochs(tmp_path, monkeypatch):
     """``train.epochs: 0`` (the Figure 2 set) evaluates each pruned net at its
     init; the accuracy matches a naive evaluation of the masked network. The
-    prune stage's seconds go to the timings file, not to ``masks.csv``."""
+    prune stage of a seed prunes every run, each run's masks in its masks
+    folder and its record in its prune folder; the seconds go to the seed's
+    timings file, not to ``masks.csv``."""
     monkeypatch.chdir(tmp_path)
     cfg = _micro(monkeypatch, ["train.epochs=0", "prune.track.mode=none"])
-    res = prune_stage.prune_run(cfg, "magnitude", 0, tmp_path / "p")
+    pruned = prune_stage.prune_seed(cfg, 0, tmp_path / "m", tmp_path / "p")
+    assert list(pruned) == list(cfg.runs)
+    res = pruned["magnitude"]
     assert res.track.empty and list(res.masks["tag"]) == ["sp50_00", "sp90_00"]
-    manifest = pd.read_csv(tmp_path / "p" / "masks.csv")
+    manifest = pd.read_csv(tmp_path / "m" / "magnitude" / "masks.csv")
     assert list(manifest.columns) == ["sparsity", "tag", "path", "kept", "numel", "density"]  # no seconds
-    timings = pd.read_csv(layout.timings_path("prune", cfg, "magnitude", 0))
-    assert list(timings.columns) == ["sparsity", "tag", "seconds"] and list(timings["tag"]) == ["sp50_00", "sp90_00"]
-    assert (timings["seconds"] > 0).all() and timings.equals(res.timings)
-    results_, history = train_stage.train_run(cfg, "magnitude", 0, tmp_path / "p", tmp_path / "t")
+    assert sorted(p.name for p in (tmp_path / "m" / "magnitude").iterdir()) == \
+        ["init.pt", "masks.csv", "sp50_00.pt", "sp50_00.pt.json", "sp90_00.pt", "sp90_00.pt.json"]
+    assert sorted(p.name for p in (tmp_path / "p" / "magnitude").iterdir()) == ["density.csv", "scores.csv",
+                                                                             "track.csv", "track_spectra.csv"]
+    timings = pd.read_csv(layout.timings_path("prune", cfg, 0))
+    assert list(timings.columns) == ["run", "sparsity", "tag", "seconds"]
+    assert list(timings["run"]) == [r for r in cfg.runs for _ in cfg.sparsities] and (timings["seconds"] > 0).all()
+    assert timings[timings["run"] == "magnitude"].drop(columns="run").reset_index(drop=True).equals(res.timings)
+    results_, history = train_stage.train_seed(cfg, 0, tmp_path / "m", tmp_path / "t")
+    assert list(results_["run"]) == [r for r in cfg.runs for _ in cfg.sparsities]
+    results_ = results_[results_["run"] == "magnitude"]
     assert history.empty and list(results_["epochs"]) == [0, 0] and "epoch_time" not in history
     assert list(results_["best_test_top1"]) == list(results_["test_top1"]) and list(results_["best_epoch"]) == [0, 0]
     assert list(results_["best_test_top5"]) == list(results_["test_top5"])  # no epochs: best = final
-    assert pd.read_csv(layout.timings_path("train", cfg, "magnitude", 0)).empty
+    assert pd.read_csv(layout.timings_path("train", cfg, 0)).empty
+    assert pd.read_csv(tmp_path / "t" / "magnitude" / "results.csv").equals(
+        results_.drop(columns="run").reset_index(drop=True))
     bundle = experiment.load_dataset(cfg)
     from ntksap.data import normalise
 
     x, y = normalise(bundle, bundle.test_images), bundle.test_labels
     for row in results_.itertuples():
         model = experiment.new_model(cfg, 10, 0)
-        model.load_state_dict(torch.load(tmp_path / "p" / "init.pt", weights_only=True))
-        masks = Masks.load(tmp_path / "p" / "masks" / f"{row.tag}.pt")
+        model.load_state_dict(torch.load(tmp_path / "m" / "magnitude" / "init.pt", weights_only=True))
+        masks = Masks.load(tmp_path / "m" / "magnitude" / f"{row.tag}.pt")
         named = dict(model.named_parameters())
         with torch.no_grad():
             for name, m in masks.items():
@@ -342,7 +363,7 @@ def reproduced(repo):
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage_and_notebook(repo, reproduced):
     cfg = params.load_params(repo / "params.yaml")
-    expected = {"check", "spectrum", "plot"} | {f"{s}@{r}-0" for s in ("prune", "train") for r in MICRO_RUNS}
+    expected = {"check", "spectrum", "plot", "prune@0", "train@0"}  # a prune and a train stage per seed
     ran = dvcrepo.ran(reproduced)
     prepared = {s for s in ran if s.split("@")[0] == "prepare"}
     assert ran - prepared == expected and prepared  # and the dataset's prepare stage
@@ -355,7 +376,7 @@ def test_dvc_repro_runs_every_stage_and_notebook(repo, reproduced):
     notebooks = sorted(str(p.relative_to(repo)) for p in (repo / "results/micro").rglob("*.ipynb"))
     assert notebooks == sorted(str(p) for p in [
         layout.notebook_path("plot", cfg), layout.notebook_path("spectrum", cfg),
-        *(layout.notebook_path(s, cfg, r, 0) for s in ("prune", "train") for r in MICRO_RUNS)])
+        *(layout.notebook_path(s, cfg, 0) for s in ("prune", "train"))])
     assert notebooks[0] == "results/micro/notebooks/plot.ipynb"  # the executed notebooks: outside every output
     assert cfg.experiment == "micro" and params.to_dict(cfg) == params.to_dict(params.parse_params(
         config.compose("micro")))  # params.yaml is the named set
@@ -366,13 +387,15 @@ def test_dvc_repro_runs_every_stage_and_notebook(repo, reproduced):
 @pytest.mark.slow
 def test_prune_stage_outputs(repo, reproduced):
     cfg = params.load_params(repo / "params.yaml")
+    spent = pd.read_csv(repo / layout.timings_path("prune", cfg, 0))
+    assert list(spent.columns) == ["run", "sparsity", "tag", "seconds"]
     for run in MICRO_RUNS:
-        out = repo / layout.prune_dir(cfg, run, 0)
+        out, record = repo / layout.masks_dir(cfg, run, 0), repo / layout.prune_dir(cfg, run, 0)
         manifest = pd.read_csv(out / "masks.csv")
         assert manifest["sparsity"].tolist() == cfg.sparsities and "seconds" not in manifest  # deterministic
-        assert not list(out.rglob("*.ipynb"))
-        timings = pd.read_csv(repo / layout.timings_path("prune", cfg, run, 0))
-        assert list(timings.columns) == ["sparsity", "tag", "seconds"] and timings["tag"].equals(manifest["tag"])
+        assert not list(out.rglob("*.ipynb")) and not list(record.rglob("*.ipynb"))
+        timings = spent[spent["run"] == run].reset_index(drop=True)
+        assert timings["tag"].equals(manifest["tag"])
         init = torch.load(out / "init.pt", weights_only=True)
         for row in manifest.itertuples():
             masks = Masks.load(out / row.path)
@@ -380,18 +403,18 @@ def test_prune_stage_outputs(repo, reproduced):
             kept = int(sum(m.sum() for m in masks.values()))
             assert kept == round((1 - row.sparsity) * n) == row.kept  # global top-k keeps exactly this many
             assert set(masks) <= set(init) and all(masks[k].shape == init[k].shape for k in masks)
-        dens = pd.read_csv(out / "density.csv")
+        dens = pd.read_csv(record / "density.csv")
         total = dens[dens["name"] == "total"].set_index("sparsity")["kept"]
         assert total.to_dict() == dict(zip(manifest["sparsity"], manifest["kept"]))
-        track = pd.read_csv(out / "track.csv")
+        track = pd.read_csv(record / "track.csv")
         its = track.groupby("sparsity")["iteration"].agg(["min", "max"])
         assert (its["min"] == 0).all() and (its["max"] == cfg.runs[run].iterations).all()
         assert set(track["iteration"]) == ({0, 1} if cfg.runs[run].iterations == 1 else {0, 1, 2, 4})
-        scores = pd.read_csv(out / "scores.csv")
+        scores = pd.read_csv(record / "scores.csv")
         assert set(scores["sparsity"]) == set(cfg.sparsities)
     # the same seed gives the same init for every run
-    a = torch.load(repo / layout.prune_dir(cfg, "magnitude", 0) / "init.pt", weights_only=True)
-    b = torch.load(repo / layout.prune_dir(cfg, "ntksap", 0) / "init.pt", weights_only=True)
+    a = torch.load(repo / layout.masks_dir(cfg, "magnitude", 0) / "init.pt", weights_only=True)
+    b = torch.load(repo / layout.masks_dir(cfg, "ntksap", 0) / "init.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -399,14 +422,15 @@ def test_prune_stage_outputs(repo, reproduced):
 def test_train_spectrum_and_plot_outputs(repo, reproduced):
     cfg = params.load_params(repo / "params.yaml")
     res_dir = repo / "results/micro"
+    spent = pd.read_csv(repo / layout.timings_path("train", cfg, 0))
+    assert list(spent.columns) == ["run", "sparsity", "epoch", "epoch_time"]
     for run in MICRO_RUNS:
         out = repo / layout.train_dir(cfg, run, 0)
         res = pd.read_csv(out / "results.csv")
         assert res["sparsity"].tolist() == cfg.sparsities and res["test_top1"].between(0, 100).all()
         hist = pd.read_csv(out / "history.csv")
         assert len(hist) == cfg.train.epochs * len(cfg.sparsities) and "epoch_time" not in hist  # deterministic
-        timings = pd.read_csv(repo / layout.timings_path("train", cfg, run, 0))
-        assert list(timings.columns) == ["sparsity", "epoch", "epoch_time"] and len(timings) == len(hist)
+        assert (spent["run"] == run).sum() == len(hist)
         for tag in res["tag"]:
             assert (out / tag / "metrics.json").is_file() and (out / tag / "model.pt").is_file()
             assert "epoch_time" not in pd.read_csv(out / tag / "history.csv")
@@ -463,9 +487,11 @@ def _section_outputs(notebook: Path, heading: str) -> tuple[int, str]:
 def test_executed_notebooks_show_every_recorded_spectrum_and_no_empty_panel(repo, reproduced, tmp_path):
     cfg = params.load_params(repo / "params.yaml")
     assert cfg.prune.track.mode == "spectrum"
-    prune_nb = repo / layout.notebook_path("prune", cfg, "ntksap", 0)
+    prune_nb = repo / layout.notebook_path("prune", cfg, 0)
     images, text = _section_outputs(prune_nb, "## NTK while pruning")
-    assert images == 3 and "trace estimate" not in text  # spectra, relative to dense, trace/condition/distance
+    assert images == 2 and "trace estimate" not in text  # spectra relative to dense per run, trace/condition/distance
+    assert _section_outputs(prune_nb, "## Layer-wise density")[0] == 1 and \
+        _section_outputs(prune_nb, "## Score distribution")[0] == 1  # one figure of every run
     plot_nb = repo / layout.notebook_path("plot", cfg)
     assert _section_outputs(plot_nb, "## NTK while pruning, by method")[0] == 4  # spectra, relative, bars, trace
     assert _section_outputs(plot_nb, "## Figure 2 beside Figure 1")[0] == 1
@@ -481,11 +507,11 @@ def test_executed_notebooks_show_every_recorded_spectrum_and_no_empty_panel(repo
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     out_nb = tmp_path / "prune.ipynb"
     dvcrepo.run(repo, "papermill", "notebooks/prune.ipynb", str(out_nb), "-k", "ntksap", "--log-level", "WARNING",
-                "-p", "params_file", str(tmp_path / "params.yaml"), "-p", "run", "ntksap", "-p", "out_dir",
-                str(tmp_path / "prune"))
+                "-p", "params_file", str(tmp_path / "params.yaml"), "-p", "masks_dir", str(tmp_path / "masks"),
+                "-p", "out_dir", str(tmp_path / "prune"))
     images, text = _section_outputs(out_nb, "## NTK while pruning")
     assert images == 1 and "Only a trace estimate was recorded" in text
-    assert pd.read_csv(tmp_path / "prune" / "track.csv")["condition"].isna().all()  # what is not drawn
+    assert pd.read_csv(tmp_path / "prune" / "ntksap" / "track.csv")["condition"].isna().all()  # what is not drawn
 
 
 def _changed(repo: Path) -> set[str]:
@@ -497,28 +523,44 @@ def test_changing_one_parameter_reruns_only_what_it_affects(repo, reproduced):
     assert _changed(repo) == set()  # everything cached
     values = yaml.safe_load((repo / "params.yaml").read_text())
     assert values["experiment"] == "micro"
+    cfg = params.load_params(repo / "params.yaml")
     try:
-        # a new seed: its own (run, seed) stages and those that gather every run, not the cached ones
+        # a new seed: its own stages and those that gather every seed, not the cached seed's
         config.write_params({**values, "seeds": [0, 1]}, repo / "params.yaml")
         changed = _changed(repo)
-        assert {"prune@magnitude-1", "prune@ntksap-1", "train@magnitude-1", "train@ntksap-1"} <= changed
-        assert {"prune@magnitude-0", "prune@ntksap-0", "train@magnitude-0", "train@ntksap-0"}.isdisjoint(changed)
-        # NTK-SAP's iterations: NTK-SAP's prune stage (its train follows through its output), not magnitude's
-        more = copy.deepcopy(values)
-        more["runs"]["ntksap"]["iterations"] = 3
-        config.write_params(more, repo / "params.yaml")
-        assert _changed(repo) == {"check", "prune@ntksap-0", "spectrum", "plot"}
+        assert {"prune@1", "train@1"} <= changed and {"prune@0", "train@0"}.isdisjoint(changed)
         # the Figure 2 probe size: the spectrum stage and the plot that shows it beside Figure 1 (and the check)
         more = copy.deepcopy(values)
         more["spectrum"]["num_inputs"] = 5
         config.write_params(more, repo / "params.yaml")
         out = dvcrepo.run(repo, "dvc", "repro")
         assert dvcrepo.ran(out.stdout) == {"check", "spectrum", "plot"}, out.stdout
-        assert "Stage 'prune@ntksap-0' didn't change, skipping" in out.stdout
+        assert "Stage 'prune@0' didn't change, skipping" in out.stdout
         eig = pd.read_csv(repo / "results/micro/spectrum/eigenvalues.csv")
         assert (eig.groupby("label").size() == 5 * 10).all()
+        # NTK-SAP's iterations: the seed's prune and train stages run again, and in them only NTK-SAP's
+        # networks train: magnitude's masks come out the same, so its networks are restored from their
+        # finished checkpoints (the seconds they took then), not trained again
+        trained = pd.read_csv(repo / layout.timings_path("train", cfg, 0))
+        magnitude = (repo / layout.train_dir(cfg, "magnitude", 0) / "results.csv").read_bytes()
+        more = copy.deepcopy(values)
+        more["runs"]["ntksap"]["iterations"] = 3
+        config.write_params(more, repo / "params.yaml")
+        assert _changed(repo) == {"check", "prune@0", "train@0", "spectrum", "plot"}
+        out = dvcrepo.run(repo, "dvc", "repro")
+        assert dvcrepo.ran(out.stdout) == {"check", "prune@0", "train@0", "spectrum", "plot"}, out.stdout
+        now = pd.read_csv(repo / layout.timings_path("train", cfg, 0))
+        pd.testing.assert_frame_equal(now[now["run"] == "magnitude"], trained[trained["run"] == "magnitude"])
+        ntk_then = trained.loc[trained["run"] == "ntksap", "epoch_time"].to_numpy()
+        assert (now.loc[now["run"] == "ntksap", "epoch_time"].to_numpy() != ntk_then).all()  # trained again
+        assert (repo / layout.train_dir(cfg, "magnitude", 0) / "results.csv").read_bytes() == magnitude
+        track = pd.read_csv(repo / layout.prune_dir(cfg, "ntksap", 0) / "track.csv")
+        assert track["iteration"].max() == 3
     finally:
         config.write_params(values, repo / "params.yaml")
+        out = dvcrepo.run(repo, "dvc", "repro")  # back to the set's results (DVC's run cache has them)
+        assert "train@0" not in dvcrepo.ran(out.stdout), out.stdout
+    assert _changed(repo) == set()
 
 
 @pytest.mark.slow

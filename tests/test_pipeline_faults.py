@@ -40,7 +40,7 @@ import pytest
 import torch
 import yaml
 
-from ntksap import config
+from ntksap import config, layout
 from ntksap.params import load_params
 from ntksap.masks import Masks
 
@@ -64,7 +64,7 @@ SEED = 20240611
 #   commit    a delay after the stage's command exited (dvc has no child left), uniform over half
 #             the undisturbed time from there to "Updating lock file": DVC is hashing and caching
 #             the outputs and has not yet written dvc.lock
-PLAN = [("prune@ntksap-0", "start"), ("train@magnitude-0", "files"), ("spectrum", "commit")]
+PLAN = [("prune@0", "start"), ("train@0", "files"), ("spectrum", "commit")]
 REPRO_TIMEOUT = 400
 
 
@@ -290,7 +290,7 @@ def _assert_same_file(fa: Path, fb: Path, rel: str):
         assert fb.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fb.read_bytes()[-8:-4] == b"IEND", rel
     elif suffix == ".pdf":
         assert fb.read_bytes()[:5] == b"%PDF-" and b"%%EOF" in fb.read_bytes()[-64:], rel
-    elif suffix == ".pt" and fa.parent.name == "masks":
+    elif suffix == ".pt" and fa.name != "init.pt" and "masks" in Path(rel).parts[:3]:
         ma, mb = Masks.load(fa), Masks.load(fb)
         assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma), rel
     elif suffix == ".pt":
@@ -464,12 +464,11 @@ def test_kill_dvc_repro_at_random_points_then_rerun_equals_undisturbed(tmp_path)
         cfg = load_params(a / "params.yaml")
         for run in cfg.runs:                             # the headline results, spelled out
             for tag in ("sp50_00", "sp90_00"):
-                ma, mb = (Masks.load(r / "results" / EXPERIMENT / "prune" / f"{run}-0" / "masks" / f"{tag}.pt")
-                          for r in (a, b))
+                ma, mb = (Masks.load(r / layout.masks_dir(cfg, run, 0) / layout.mask_file(tag)) for r in (a, b))
                 assert all(torch.equal(ma[k], mb[k]) for k in ma)
-            pd.testing.assert_frame_equal(pd.read_csv(res / "train" / f"{run}-0" / "results.csv"),
-                                          pd.read_csv(b / "results" / EXPERIMENT / "train" / f"{run}-0" /
-                                                      "results.csv"), check_exact=True)
+            pd.testing.assert_frame_equal(pd.read_csv(a / layout.train_dir(cfg, run, 0) / "results.csv"),
+                                          pd.read_csv(b / layout.train_dir(cfg, run, 0) / "results.csv"),
+                                          check_exact=True)
         assert json.loads((res / "metrics.json").read_text()) == json.loads(
             (b / "results" / EXPERIMENT / "metrics.json").read_text())
         assert (res / "plots" / "table.md").read_bytes() == (b / "results" / EXPERIMENT / "plots" /

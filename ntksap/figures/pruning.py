@@ -39,16 +39,19 @@ def plot_layer_density(density: pd.DataFrame, hue: str = "label", ax=None):
 
 
 def plot_score_histogram(scores: pd.DataFrame, ax=None):
-    """Distribution of the last iteration's scores at one sparsity: kept vs pruned weights."""
+    """Distribution of the last iteration's scores at one sparsity: kept vs
+    pruned weights, stacked (pruned below), as two filled step outlines over
+    the histogram's bins (``scores``: left, right, pruned, kept)."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6.4, 3.6))
     left, right = scores["left"].to_numpy(), scores["right"].to_numpy()
-    width = right - left
-    ax.bar(left, scores["pruned"], width=width, align="edge", label="pruned", alpha=0.7)
-    ax.bar(left, scores["kept"], width=width, align="edge", bottom=scores["pruned"], label="kept", alpha=0.7)
+    edges = np.append(left, right[-1:])
+    pruned = scores["pruned"].to_numpy()
+    ax.stairs(pruned, edges, fill=True, alpha=0.7, label="pruned")
+    ax.stairs(pruned + scores["kept"].to_numpy(), edges, baseline=pruned, fill=True, alpha=0.7, label="kept")
     if (left > 0).all() and np.all(right / np.maximum(left, 1e-300) > 1.0001):
         ax.set_xscale("log")
     ax.set_xlabel("score")

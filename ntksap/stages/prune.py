@@ -1,7 +1,8 @@
-"""The prune stage: one run and seed pruned at every sparsity of the experiment, from one original init.
+"""The prune stage: every run of one seed pruned at every sparsity of the experiment, from one original init.
 
-Writes the deterministic files downstream stages read into ``prune/<run>-<seed>/``, and the seconds each
-sparsity took into ``timings/prune/<run>-<seed>.csv``, which nothing downstream reads.
+Writes, per run, what training reads into ``masks/seed-<s>/<run>/`` and the record of the pruning (layer
+densities, NTK snapshots, score histograms) into ``prune/seed-<s>/<run>/``: deterministic files only. The
+seconds each sparsity took go to ``timings/prune/seed-<s>.csv``, which nothing downstream reads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .. import layout
 from ..experiment import load_dataset, new_model, probe_inputs, prune_kwargs
 from ..files import atomic_write_text
 from ..params import DENSE
+from . import by_run
 
 if TYPE_CHECKING:
     from ..params import Params
@@ -61,16 +63,17 @@ def score_histogram(scores: dict, previous: dict | None, masks: dict, bins: int 
 
 
 def prune_run(cfg: Params, run: str, seed: int, out_dir: str | os.PathLike, device=None,
-              timings: str | os.PathLike | None = None) -> PruneResult:
+              timings: str | os.PathLike | None = None, stats_dir: str | os.PathLike | None = None) -> PruneResult:
     """Prune one run and seed at every sparsity of the experiment, from one
     original init, recording NTK snapshots while pruning (``prune.track``).
 
     Writes into ``out_dir``: ``init.pt`` (the network's weights before pruning),
-    ``masks/<tag>.pt`` (:meth:`Masks.save`), ``masks.csv``, ``density.csv``,
-    ``track.csv``, ``track_spectra.csv``, ``scores.csv``; and the seconds each
-    sparsity took to ``timings`` (default :func:`ntksap.layout.timings_path`);
-    returns the same frames. Snapshots are taken before pruning (iteration 0),
-    after iteration 1, every ``prune.track.every`` iterations and after the last.
+    ``<tag>.pt`` (:meth:`Masks.save`) and ``masks.csv`` (written last: its
+    presence marks a complete run); into ``stats_dir`` (default ``out_dir``):
+    ``density.csv``, ``track.csv``, ``track_spectra.csv``, ``scores.csv``; and,
+    when ``timings`` is given, the seconds each sparsity took there. Returns
+    the same frames. Snapshots are taken before pruning (iteration 0), after
+    iteration 1, every ``prune.track.every`` iterations and after the last.
     """
     from ..data import prune_batches, prune_loader
     from ..devices import resolve_device
@@ -80,8 +83,9 @@ def prune_run(cfg: Params, run: str, seed: int, out_dir: str | os.PathLike, devi
     from ..scores import METHODS
 
     out = Path(out_dir)
-    timings = Path(timings) if timings is not None else layout.timings_path("prune", cfg, run, seed)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    stats = Path(stats_dir) if stats_dir is not None else out
+    out.mkdir(parents=True, exist_ok=True)
+    stats.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
     bundle = load_dataset(cfg)
     method = cfg.runs[run].method
@@ -146,7 +150,46 @@ def prune_run(cfg: Params, run: str, seed: int, out_dir: str | os.PathLike, devi
 
     result = PruneResult(pd.DataFrame(rows), pd.concat(dens, ignore_index=True), frame(tracks), frame(spectra),
                          frame(hists), pd.DataFrame(times))
-    atomic_write_text(result.timings.to_csv(index=False), timings)
-    for name in ("density", "track", "track_spectra", "scores", "masks"):  # masks.csv last: a complete stage
-        atomic_write_text(getattr(result, name).to_csv(index=False), out / f"{name}.csv")
+    if timings is not None:
+        atomic_write_text(result.timings.to_csv(index=False), timings)
+    for name in ("density", "track", "track_spectra", "scores"):
+        atomic_write_text(getattr(result, name).to_csv(index=False), stats / f"{name}.csv")
+    atomic_write_text(result.masks.to_csv(index=False), out / "masks.csv")  # last: a complete run
     return result
+
+
+def combine(results: dict[str, PruneResult], name: str) -> pd.DataFrame:
+    """One frame of :class:`PruneResult` field ``name`` (``masks``, ``density``,
+    ``track``, ...) for every run of ``results`` (run -> result, as
+    :func:`prune_seed` returns), with a ``run`` column first."""
+    return by_run({run: getattr(r, name) for run, r in results.items()})
+
+
+def prune_seed(cfg: Params, seed: int, masks_dir: str | os.PathLike | None = None,
+               out_dir: str | os.PathLike | None = None, device=None,
+               timings: str | os.PathLike | None = None, workers: int | None = None) -> dict[str, PruneResult]:
+    """The prune stage of one seed: :func:`prune_run` for every run of the
+    experiment, each from the seed's original init.
+
+    Run ``r`` writes its masks into ``masks_dir/<r>`` (default
+    :func:`ntksap.layout.stage_dir` ``("masks", cfg, seed)``) and its record into
+    ``out_dir/<r>`` (default ``stage_dir("prune", cfg, seed)``); the seconds of
+    every run and sparsity go to ``timings`` (default
+    :func:`ntksap.layout.timings_path`; columns run, sparsity, tag, seconds).
+    The runs go to ``workers`` processes (default: one per CPU core a run
+    leaves idle, :func:`ntksap.parallel.default_workers`; the same results bit
+    for bit). Returns run -> :class:`PruneResult`, in ``params.yaml`` order."""
+    from ..devices import resolve_device
+    from ..parallel import check_workers, default_workers, run_all
+
+    check_workers(workers)
+    masks_root = Path(masks_dir) if masks_dir is not None else layout.stage_dir("masks", cfg, seed)
+    out_root = Path(out_dir) if out_dir is not None else layout.stage_dir("prune", cfg, seed)
+    timings = Path(timings) if timings is not None else layout.timings_path("prune", cfg, seed)
+    runs = list(cfg.runs)
+    workers = workers or default_workers(resolve_device(device), len(runs))
+    done = run_all(prune_run, [((cfg, run, seed, masks_root / run), {"device": device, "stats_dir": out_root / run})
+                               for run in runs], workers)
+    results = dict(zip(runs, done))
+    atomic_write_text(combine(results, "timings").to_csv(index=False), timings)
+    return results

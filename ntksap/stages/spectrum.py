@@ -44,13 +44,13 @@ def spectrum_run(cfg: Params, out_dir: str | os.PathLike, device=None) -> tuple[
     inputs = probe_inputs(bundle, s.num_inputs, s.seed)
     tag = layout.sparsity_tag(s.sparsity)
     any_run = next(iter(cfg.runs))
-    init = torch.load(layout.prune_dir(cfg, any_run, s.seed) / "init.pt", map_location="cpu", weights_only=True)
+    init = torch.load(layout.masks_dir(cfg, any_run, s.seed) / "init.pt", map_location="cpu", weights_only=True)
     model = new_model(cfg, bundle.num_classes, s.seed)
     model.load_state_dict(init)
     model.to(resolve_device(device))
     spectra, summary = {}, []
     entries = [("dense", DENSE_LABEL, None)]
-    entries += [(run, cfg.label(run), layout.prune_dir(cfg, run, s.seed) / layout.mask_file(tag))
+    entries += [(run, cfg.label(run), layout.masks_dir(cfg, run, s.seed) / layout.mask_file(tag))
                 for run in cfg.runs if cfg.runs[run].method != DENSE]
     for run, label, path in entries:
         masks = Masks.load(path) if path is not None else None

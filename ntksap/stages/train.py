@@ -1,8 +1,9 @@
-"""The train stage: every pruned network of one run and seed trained from its original init.
+"""The train stage: every pruned network of every run of one seed trained from its original init.
 
 Training runs (and resumes) in ``checkpoints/<run>-<seed>/<tag>-<key>/``; the finished run's weights,
-metrics and history (without timings) are published to ``train/<run>-<seed>/``, the seconds per epoch to
-``timings/train/<run>-<seed>.csv``. ``train.processes > 1`` trains under ``torchrun`` with
+metrics and history (without timings) are published to ``train/seed-<s>/<run>/``, the seconds per epoch to
+``timings/train/seed-<s>.csv``. A run whose networks finished before (same masks, init, protocol and
+trainer code: the same keys) is published from its checkpoints without training again. ``train.processes > 1`` trains under ``torchrun`` with
 DistributedDataParallel (:mod:`ntksap.distributed`).
 """
 
@@ -19,6 +20,7 @@ from .. import layout
 from ..checks import not_allowed
 from ..experiment import load_dataset, new_model
 from ..files import atomic_write_text
+from . import by_run
 
 if TYPE_CHECKING:
     from ..params import Params, Train
@@ -207,19 +209,29 @@ def _publish(src: Path, dst: Path) -> pd.DataFrame:
     return pd.read_csv(src / "history.csv", usecols=["epoch", *TIMING_COLUMNS])
 
 
-def train_run(cfg: Params, run: str, seed: int, prune_dir: str | os.PathLike, out_dir: str | os.PathLike,
+def train_run(cfg: Params, run: str, seed: int, masks_dir: str | os.PathLike, out_dir: str | os.PathLike,
               device=None, progress: bool = False, checkpoints: str | os.PathLike | None = None,
               timings: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train every pruned network of one run and seed from its original init;
+    returns (results, history). :func:`_train_run` says what it reads and writes."""
+    return _train_run(cfg, run, seed, masks_dir, out_dir, device, progress, checkpoints, timings)[:2]
+
+
+def _train_run(cfg: Params, run: str, seed: int, masks_dir: str | os.PathLike, out_dir: str | os.PathLike,
+               device=None, progress: bool = False, checkpoints: str | os.PathLike | None = None,
+               timings: str | os.PathLike | None = None,
+               code: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Train every pruned network of one run and seed from its original init.
 
-    Reads ``prune_dir`` (``init.pt``, ``masks.csv``, ``masks/``), trains with
+    Reads ``masks_dir`` (``init.pt``, ``masks.csv``, ``<tag>.pt``), trains with
     the experiment's protocol (``cfg.train``) and writes ``out_dir/<tag>/``
     (``history.csv``, ``metrics.json``, ``model.pt``), ``results.csv`` (one row
     per sparsity, the final metrics) and ``history.csv`` (per epoch and
-    sparsity); the seconds per epoch go to ``timings`` (default
-    :func:`ntksap.layout.timings_path`: sparsity, epoch, epoch_time), not into
+    sparsity); the seconds per epoch go to ``timings`` when it is given
+    (sparsity, epoch, epoch_time; :func:`train_seed` writes them), not into
     the histories. With ``train.epochs: 0`` the networks are only evaluated at
-    init. Returns (results, history).
+    init. Returns (results, history, timings). ``code``: the trainer's source
+    digest (:func:`resume_key`), when the caller has it already.
 
     Training happens in ``checkpoints/<tag>-<key>/`` (default
     :func:`ntksap.layout.checkpoints_dir`; ``key``: :func:`resume_key`), where
@@ -234,15 +246,14 @@ def train_run(cfg: Params, run: str, seed: int, prune_dir: str | os.PathLike, ou
     from ..masks import Masks
     from ..train import fingerprint, train, train_stacked
 
-    src, out = Path(prune_dir), Path(out_dir)
+    src, out = Path(masks_dir), Path(out_dir)
     tc = cfg.train
     processes = resolve_processes(tc.processes, device)
     resume_root = Path(checkpoints) if checkpoints is not None else layout.checkpoints_dir(cfg, run, seed)
-    timings = Path(timings) if timings is not None else layout.timings_path("train", cfg, run, seed)
     bundle = load_dataset(cfg)
     init = torch.load(src / "init.pt", map_location="cpu", weights_only=True)
     rows = list(pd.read_csv(src / "masks.csv").itertuples())
-    code = source_digest(list(TRAINER_MODULES)) if tc.epochs else None
+    code = code or (source_digest(list(TRAINER_MODULES)) if tc.epochs else None)
     results, histories, times = [], [], []
     models, masks = [], [Masks.load(src / row.path) for row in rows]
     for _ in rows:
@@ -285,7 +296,47 @@ def train_run(cfg: Params, run: str, seed: int, prune_dir: str | os.PathLike, ou
     res, hist = pd.DataFrame(results), pd.concat(histories, ignore_index=True)
     spent = pd.concat(times, ignore_index=True) if times else pd.DataFrame(columns=["sparsity", "epoch",
                                                                                    *TIMING_COLUMNS])
-    atomic_write_text(spent.to_csv(index=False), timings)
+    if timings is not None:
+        atomic_write_text(spent.to_csv(index=False), Path(timings))
     atomic_write_text(hist.to_csv(index=False), out / "history.csv")
     atomic_write_text(res.to_csv(index=False), out / "results.csv")
-    return res, hist
+    return res, hist, spent
+
+
+def train_seed(cfg: Params, seed: int, masks_dir: str | os.PathLike | None = None,
+               out_dir: str | os.PathLike | None = None, device=None, progress: bool = False,
+               timings: str | os.PathLike | None = None, workers: int | None = None,
+               checkpoints: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The train stage of one seed: :func:`train_run` for every run of the
+    experiment, reading ``masks_dir/<run>`` (default
+    :func:`ntksap.layout.stage_dir` ``("masks", cfg, seed)``) and writing
+    ``out_dir/<run>`` (default ``stage_dir("train", cfg, seed)``); the seconds
+    per epoch of every run go to ``timings`` (default
+    :func:`ntksap.layout.timings_path`; columns run, sparsity, epoch,
+    epoch_time). The runs go to ``workers`` processes (default: one per CPU
+    core a run leaves idle, :func:`ntksap.parallel.default_workers`; one with
+    ``train.processes`` > 1; the same results bit for bit). Run ``r`` trains
+    in ``checkpoints/<r>-<seed>/`` (default :func:`ntksap.layout.checkpoints_dir`).
+    Returns (results, history) of every run in ``params.yaml`` order, with a
+    ``run`` column first."""
+    from ..code_deps import source_digest
+    from ..devices import resolve_device
+    from ..parallel import check_workers, default_workers, run_all
+
+    check_workers(workers)
+    masks_root = Path(masks_dir) if masks_dir is not None else layout.stage_dir("masks", cfg, seed)
+    out_root = Path(out_dir) if out_dir is not None else layout.stage_dir("train", cfg, seed)
+    timings = Path(timings) if timings is not None else layout.timings_path("train", cfg, seed)
+    runs = list(cfg.runs)
+    if resolve_processes(cfg.train.processes, device) > 1:
+        workers = 1  # each run is a torchrun launch of its own processes
+    workers = workers or default_workers(resolve_device(device), len(runs))
+    code = source_digest(list(TRAINER_MODULES)) if cfg.train.epochs else None  # read once for every run
+    done = run_all(_train_run, [((cfg, run, seed, masks_root / run, out_root / run),
+                                 {"device": device, "progress": progress and workers == 1, "code": code,
+                                  "checkpoints": None if checkpoints is None else
+                                  Path(checkpoints) / layout.run_name(run, seed)})
+                                for run in runs], workers)
+    results, histories, spent = ({run: d[k] for run, d in zip(runs, done)} for k in range(3))
+    atomic_write_text(by_run(spent).to_csv(index=False), timings)
+    return by_run(results), by_run(histories)
