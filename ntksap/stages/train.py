@@ -3,8 +3,8 @@
 Training runs (and resumes) in ``checkpoints/<run>-<seed>/<tag>-<key>/``; the finished run's weights,
 metrics and history (without timings) are published to ``train/seed-<s>/<run>/``, the seconds per epoch to
 ``timings/train/seed-<s>.csv``. A run whose networks finished before (same masks, init, protocol and
-trainer code: the same keys) is published from its checkpoints without training again. ``train.processes > 1`` trains under ``torchrun`` with
-DistributedDataParallel (:mod:`ntksap.distributed`).
+trainer code: the same keys) is published from its checkpoints without training again.
+``train.processes > 1`` trains under ``torchrun`` with DistributedDataParallel (:mod:`ntksap.distributed`).
 """
 
 from __future__ import annotations
