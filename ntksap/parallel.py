@@ -28,11 +28,15 @@ def cpu_cores() -> int:
 
 
 def default_workers(device, jobs: int) -> int:
-    """How many processes run ``jobs`` independent runs on ``device`` (``torch.device``): on a CPU,
-    the cores over the torch threads one run uses (:func:`cpu_cores` // ``torch.get_num_threads()``),
-    at most ``jobs``; 1 on any other device (one GPU is shared by one process) or for one job."""
+    """How many processes run ``jobs`` independent runs on ``device`` (anything
+    :func:`ntksap.devices.resolve_device` takes): on a CPU, the cores over the torch threads one run
+    uses (:func:`cpu_cores` // ``torch.get_num_threads()``), at most ``jobs``; 1 on any other device
+    (one GPU is shared by one process) or for one job."""
     import torch
 
+    from .devices import resolve_device
+
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     if device.type != "cpu" or jobs < 2:
         return 1
     return max(1, min(jobs, cpu_cores() // max(1, torch.get_num_threads())))
@@ -42,6 +46,13 @@ def check_workers(workers) -> None:
     """``workers`` is None (automatic) or an integer >= 1, else a ValueError naming it."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise not_allowed("workers", workers, "None (one per idle CPU core) or an integer >= 1")
+
+
+def resolve_workers(workers, device, jobs: int) -> int:
+    """``workers`` as a number for ``jobs`` runs on ``device``: itself when given (checked by
+    :func:`check_workers`, before any work), else :func:`default_workers`."""
+    check_workers(workers)
+    return workers if workers is not None else default_workers(device, jobs)
 
 
 def _init_worker(threads: int) -> None:

@@ -179,15 +179,13 @@ def prune_seed(cfg: Params, seed: int, masks_dir: str | os.PathLike | None = Non
     The runs go to ``workers`` processes (default: one per CPU core a run
     leaves idle, :func:`ntksap.parallel.default_workers`; the same results bit
     for bit). Returns run -> :class:`PruneResult`, in ``params.yaml`` order."""
-    from ..devices import resolve_device
-    from ..parallel import check_workers, default_workers, run_all
+    from ..parallel import resolve_workers, run_all
 
-    check_workers(workers)
+    workers = resolve_workers(workers, device, len(cfg.runs))
     masks_root = Path(masks_dir) if masks_dir is not None else layout.stage_dir("masks", cfg, seed)
     out_root = Path(out_dir) if out_dir is not None else layout.stage_dir("prune", cfg, seed)
     timings = Path(timings) if timings is not None else layout.timings_path("prune", cfg, seed)
     runs = list(cfg.runs)
-    workers = workers or default_workers(resolve_device(device), len(runs))
     done = run_all(prune_run, [((cfg, run, seed, masks_root / run), {"device": device, "stats_dir": out_root / run})
                                for run in runs], workers)
     results = dict(zip(runs, done))

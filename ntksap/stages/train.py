@@ -320,17 +320,15 @@ def train_seed(cfg: Params, seed: int, masks_dir: str | os.PathLike | None = Non
     Returns (results, history) of every run in ``params.yaml`` order, with a
     ``run`` column first."""
     from ..code_deps import source_digest
-    from ..devices import resolve_device
-    from ..parallel import check_workers, default_workers, run_all
+    from ..parallel import resolve_workers, run_all
 
-    check_workers(workers)
+    workers = resolve_workers(workers, device, len(cfg.runs))
+    if resolve_processes(cfg.train.processes, device) > 1:
+        workers = 1  # each run is a torchrun launch of its own processes
     masks_root = Path(masks_dir) if masks_dir is not None else layout.stage_dir("masks", cfg, seed)
     out_root = Path(out_dir) if out_dir is not None else layout.stage_dir("train", cfg, seed)
     timings = Path(timings) if timings is not None else layout.timings_path("train", cfg, seed)
     runs = list(cfg.runs)
-    if resolve_processes(cfg.train.processes, device) > 1:
-        workers = 1  # each run is a torchrun launch of its own processes
-    workers = workers or default_workers(resolve_device(device), len(runs))
     code = source_digest(list(TRAINER_MODULES)) if cfg.train.epochs else None  # read once for every run
     done = run_all(_train_run, [((cfg, run, seed, masks_root / run, out_root / run),
                                  {"device": device, "progress": progress and workers == 1, "code": code,
