@@ -10,6 +10,7 @@ default float32 NCHW model.
     python benchmarks/train_speed.py --full          # one full epoch (50000 images)
     python benchmarks/train_speed.py --compile on    # also torch.compile the model (slow to compile on a CPU)
     python benchmarks/train_speed.py --no-extra      # only the PIL / ours / compute-only rows (faster)
+    python benchmarks/train_speed.py --allocator kept  # both in a process that keeps freed memory (ntksap.allocator)
 
 Uses the shared CIFAR-10 (``../shared/data/cifar10-jpeg.tar.gz``) when present,
 else random uint8 images of the same shape. Prints images per second of a
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from ntksap import build_model, data, train
+from ntksap.allocator import keep_freed_memory
 from ntksap.devices import channels_last_is_safe, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +120,12 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per set-up (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    ap.add_argument("--allocator", choices=["default", "kept"], default="default",
+                    help="glibc malloc for the whole process, both pipelines alike: its defaults, or freed "
+                         "memory kept (ntksap.allocator.keep_freed_memory, as the pipeline's processes run)")
     args = ap.parse_args(argv)
+    if args.allocator == "kept" and not keep_freed_memory():
+        raise SystemExit("--allocator=kept: keep_freed_memory() did not take here (the C library is not glibc)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -131,7 +138,7 @@ def main(argv=None):
     bundle = data.from_tensors("cifar10", x_u8, y, x_u8[:bs], y[:bs])
     print(f"ResNet-20, {n} {source} images, batch {bs}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, allocator {args.allocator}")
 
     # -- the two set-ups -----------------------------------------------------------------
     # plain: PIL transforms per image in DataLoader(num_workers=2), float32 NCHW model

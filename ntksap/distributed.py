@@ -137,11 +137,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     """Entry point; returns (and rank 0 prints as one JSON line) the final metrics."""
     from . import build_model, data, train
+    from .allocator import keep_freed_memory
     from .protocol import protocol
 
     args = _parser().parse_args(argv)
     if "RANK" not in os.environ:
         raise SystemExit("ntksap.distributed: launch with torchrun (RANK / WORLD_SIZE are not set)")
+    keep_freed_memory()  # a process of ours: freed memory kept for the next step (ntksap.allocator)
     cuda = torch.cuda.is_available() if args.device is None else args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise ValueError("--device=cuda but CUDA is not available; use --device cpu")

@@ -206,9 +206,11 @@ def channel_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"channel_statistics: x of shape {tuple(x.shape)} has {count} value per channel; "
                          f"the unbiased variance needs at least 2")
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        flat = x.permute(0, 2, 3, 1).reshape(-1, c, 1)   # a view: (N H W, C, 1)
-    else:
-        flat = x.reshape(n, c, -1)                      # a view when contiguous: (N, C, L)
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)     # a view: (N H W, C), channels innermost
+        mean = rows.sum(0) / count
+        var = (rows - mean).square_().sum(0) / (count - 1)
+        return mean, var
+    flat = x.reshape(n, c, -1)                          # a view when contiguous: (N, C, L)
     mean = flat.sum(2).sum(0) / count
     var = (flat - mean.view(1, c, 1)).square_().sum(2).sum(0) / (count - 1)
     return mean, var

@@ -1,4 +1,4 @@
-"""What every pipeline notebook does first: ``cd`` to the repository root, the plot style, the CPU threads."""
+"""What every pipeline notebook does first: ``cd`` to the repository root, the plot style, the CPU threads and allocator."""
 
 from __future__ import annotations
 
@@ -22,11 +22,15 @@ that one thread leaves idle to work with worker processes, one run each
 
 
 def setup() -> Path:
-    """What every notebook does first: ``cd`` to the repository root and a
+    """What every notebook does first: ``cd`` to the repository root, a
     seaborn-like matplotlib style (without importing seaborn, which costs
-    seconds per notebook). Returns the root."""
+    seconds per notebook) and freed memory kept for reuse
+    (:func:`ntksap.allocator.keep_freed_memory`). Returns the root."""
     import matplotlib.pyplot as plt
 
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()
     root = chdir_root()
     plt.style.use("seaborn-v0_8-whitegrid")
     plt.rcParams["axes.prop_cycle"] = plt.cycler(color=COLORS)

@@ -55,21 +55,26 @@ def resolve_workers(workers, device, jobs: int) -> int:
     return workers if workers is not None else default_workers(device, jobs)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, keep_freed: bool) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if keep_freed:
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()
 
 
 def run_all(fn: Callable[..., Any], calls: Sequence[tuple[tuple, dict]], workers: int) -> list:
     """``[fn(*args, **kwargs) for args, kwargs in calls]``, in that order, on ``workers`` processes:
-    this one and ``workers - 1`` fresh (``spawn``) ones, each on this process's torch thread count and
-    working directory. The workers take the calls from the front, this process from the back (so it
-    computes while they start), until they meet. ``fn`` and its arguments must be picklable (a
-    module-level function), and a script that calls this with ``workers`` > 1 must guard its top level
-    with ``if __name__ == "__main__":`` (multiprocessing's rule for ``spawn``). The first call to fail
-    raises here (a worker's traceback as its cause); on any exception, an interrupt included, the
-    workers are stopped before it propagates."""
+    this one and ``workers - 1`` fresh (``spawn``) ones, each on this process's torch thread count,
+    allocator setting (:mod:`ntksap.allocator`) and working directory. The workers take the calls
+    from the front, this process from the back (so it computes while they start), until they meet.
+    ``fn`` and its arguments must be picklable (a module-level function), and a script that calls
+    this with ``workers`` > 1 must guard its top level with ``if __name__ == "__main__":``
+    (multiprocessing's rule for ``spawn``). The first call to fail raises here (a worker's traceback
+    as its cause); on any exception, an interrupt included, the workers are stopped before it
+    propagates."""
     check_workers(workers)
     workers = min(workers, len(calls))
     if workers < 2:
@@ -79,6 +84,8 @@ def run_all(fn: Callable[..., Any], calls: Sequence[tuple[tuple, dict]], workers
     from concurrent.futures import ProcessPoolExecutor
 
     import torch
+
+    from . import allocator
 
     results: list = [None] * len(calls)
     futures: dict = {}
@@ -108,7 +115,7 @@ def run_all(fn: Callable[..., Any], calls: Sequence[tuple[tuple, dict]], workers
 
     before = set(multiprocessing.active_children())
     executor = ProcessPoolExecutor(max_workers=workers - 1, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(torch.get_num_threads(),))
+                                   initializer=_init_worker, initargs=(torch.get_num_threads(), allocator.applied()))
     try:
         for _ in range(workers - 1):
             feed()
