@@ -3,12 +3,12 @@
 PyTorch takes a CPU tensor's memory from the C library's ``malloc`` and gives it back on free.
 glibc serves large blocks with fresh ``mmap`` pages and hands freed memory at the top of its heap
 back to the system, so a ResNet-20 step's activations (megabytes each, allocated and freed on
-every step) arrive as new pages and each page costs a fault on first touch: hundreds of
-thousands of faults per second of pruning on the development CPU. :func:`keep_freed_memory` sets
+every step) arrive as new pages and each page costs a fault on first touch: about 90 000 faults
+a second of ResNet-20 training on the 2-core development CPU. :func:`keep_freed_memory` sets
 two glibc parameters (``mallopt``) so that blocks up to 32 MiB come from the heap and freed
-memory stays there for the next step. Only the speed changes (1.1-1.2x on ResNet-20 training
-and NTK-SAP scoring on 2 CPU cores: ``python benchmarks/allocator_speed.py``), never a result:
-the arithmetic is the same. The price is that the process keeps its peak heap until it exits,
+memory stays there for the next step. Only the speed changes (there, ``python
+benchmarks/allocator_speed.py``: bare training steps 1.21x, the trainer 1.08x, NTK-SAP scoring
+1.05x), never a result: the arithmetic is the same. The price is that the process keeps its peak heap until it exits,
 which is why the library leaves the choice to the process: the pipeline's notebooks
 (:func:`ntksap.notebook.setup`), their worker processes and ``ntksap.distributed`` call it;
 a script of your own may call it first thing.
