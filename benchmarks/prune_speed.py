@@ -23,6 +23,7 @@ speed-up ours would reach if it paid for nothing but those passes.
     python benchmarks/prune_speed.py --iterations 4              # shorter run
     python benchmarks/prune_speed.py --authors /path/to/NTK-SAP  # also their code
     python benchmarks/prune_speed.py --variants ours             # one variant (e.g. on a GPU)
+    python benchmarks/prune_speed.py --allocator kept            # every variant keeps freed memory (ntksap.allocator)
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def _authors_masks(args, model, settings) -> dict:
 
 
 def run_variant(variant: str, args) -> dict:
+    if args.allocator == "kept":  # this variant's own process, as every other variant's
+        from ntksap.allocator import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("--allocator=kept: keep_freed_memory() did not take here (the C library is not glibc)")
     import ntksap
     from ntksap.models import kaiming_init
     from reference import ntksap_reference
@@ -131,6 +137,9 @@ def main() -> None:
     ap.add_argument("--authors", default=None, help="a checkout of the authors' repository: also time their code")
     ap.add_argument("--variants", default=None,
                     help=f"comma-separated subset of {','.join(VARIANTS)} (default: all that can run)")
+    ap.add_argument("--allocator", choices=["default", "kept"], default="default",
+                    help="glibc malloc in every variant's process alike: its defaults, or freed memory kept "
+                         "(ntksap.allocator.keep_freed_memory, as the pipeline's processes run)")
     ap.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
@@ -145,7 +154,7 @@ def main() -> None:
     passthrough = sys.argv[1:]
     print(f"NTK-SAP on ResNet-20 (3x32x32, 10 classes): sparsity {args.sparsity}, T={args.iterations}, "
           f"R={args.rounds}, {args.num_samples} noise inputs, batch 256; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, allocator {args.allocator}")
     results = {v: run_isolated(__file__, v, passthrough) for v in variants}
     for v, r in results.items():
         print(f"{LABELS[v]:22s} [{r['device']:>4s}]: wall {r['seconds']:8.2f} s   cpu {r['cpu_seconds']:8.2f} s   "
