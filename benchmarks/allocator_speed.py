@@ -1,4 +1,4 @@
-"""What ``ntksap.allocator.keep_freed_memory`` buys on a CPU: ResNet-20 training (the trainer) and
+"""What ``ntksap.allocator.keep_freed_memory`` buys on a CPU: ResNet-20 training steps, the trainer and
 NTK-SAP scoring, each in fresh processes with glibc's default ``malloc`` settings and with
 freed memory kept for reuse, alternately, side by side.
 
@@ -9,13 +9,16 @@ seconds, the page faults of the timed part (``ru_minflt``) and whether the resul
 same bit for bit (the trained parameters; the masks), then
 ``speed-up: <ratio>x (<workload>: default / kept)``.
 
-    python benchmarks/allocator_speed.py                      # train and prune, 5 repeats (~3 min on 2 cores)
+    python benchmarks/allocator_speed.py                      # steps, train and prune, 5 repeats (~6 min on 2 cores)
     python benchmarks/allocator_speed.py --workloads train --repeats 3
 
-train: ``ntksap.train.train`` of a dense ResNet-20 for ``--epochs`` of the paper's CIFAR-10 protocol
-(batch 128, float32, the trainer's memory format) on ``--images`` random CIFAR-10-shaped images,
-evaluation of 500 and checkpoints included, as the train stage runs it; prune: ``ntksap.prune(model, "ntksap", 0.8926)`` with ``--iterations`` (default 2), R = 5 and
-100 noise inputs. Not a test: machines are noisy, read the medians.
+steps: ``--steps`` bare SGD steps of ResNet-20 at batch 128 on one batch in memory, after 3
+untimed (the arithmetic of training alone); train: ``ntksap.train.train`` of a dense ResNet-20
+for ``--epochs`` of the paper's CIFAR-10 protocol (batch 128, float32, the trainer's memory
+format) on ``--images`` random CIFAR-10-shaped images, evaluation of 500 and checkpoints
+included, as the train stage runs it; prune: ``ntksap.prune(model, "ntksap", 0.8926)`` with
+``--iterations`` (default 2), R = 5 and 100 noise inputs. Not a test: machines are noisy, read
+the medians.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKLOADS = ("train", "prune")
+WORKLOADS = ("steps", "train", "prune")
 SETTINGS = ("default", "kept")
 
 
@@ -52,11 +55,29 @@ def measure_one(workload: str, setting: str, args) -> dict:
 
     import ntksap
     from ntksap import build_model, data, train
+    from ntksap.devices import channels_last_is_safe
     from ntksap.protocol import protocol
 
     torch.manual_seed(0)
     model = build_model("resnet20", 10)
-    if workload == "train":
+    if workload == "steps":
+        cl = channels_last_is_safe(model, torch.device("cpu"))
+        model = model.to(memory_format=torch.channels_last) if cl else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(128, 3, 32, 32, generator=g)
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        y = torch.randint(0, 10, (128,), generator=g)
+
+        def work(steps=args.steps):
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            return list(model.parameters())
+
+        work(3)  # warm-up steps, untimed
+    elif workload == "train":
         g = torch.Generator().manual_seed(0)
         u8 = dict(dtype=torch.uint8, generator=g)
         n = args.images
@@ -86,14 +107,15 @@ def measure_one(workload: str, setting: str, args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workloads", default="train,prune", help="comma-separated: train, prune")
+    ap.add_argument("--workloads", default="steps,train,prune", help="comma-separated: steps, train, prune")
+    ap.add_argument("--steps", type=int, default=20, help="timed SGD steps at batch 128 (steps)")
     ap.add_argument("--repeats", type=int, default=5, help="processes per workload and setting (median)")
     ap.add_argument("--images", type=int, default=2560, help="random CIFAR-10-shaped training images (train)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs of the paper's CIFAR-10 protocol (train)")
     ap.add_argument("--iterations", type=int, default=2, help="NTK-SAP iterations T (prune)")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    for name in ("repeats", "images", "epochs", "iterations"):
+    for name in ("repeats", "steps", "images", "epochs", "iterations"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; use an integer >= 1")
     if args.only:
@@ -109,7 +131,7 @@ def main(argv=None) -> int:
 
     print(f"ResNet-20 on the CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{args.repeats} processes per setting, alternating")
-    passthrough = ["--images", str(args.images), "--epochs", str(args.epochs), "--iterations", str(args.iterations)]
+    passthrough = ["--steps", str(args.steps), "--images", str(args.images), "--epochs", str(args.epochs), "--iterations", str(args.iterations)]
     for workload in workloads:
         runs = {s: [] for s in SETTINGS}
         for r in range(args.repeats):
@@ -121,8 +143,9 @@ def main(argv=None) -> int:
             print(f"{workload}: keep_freed_memory() did not take here (not glibc): nothing to compare")
             continue
         med = {s: statistics.median(r["seconds"] for r in runs[s]) for s in SETTINGS}
-        what = f"ntksap.train.train, {args.epochs} epoch(s) of {args.images} images + 500 test" if workload == "train" else \
-            f"NTK-SAP, T = {args.iterations}, R = 5, 100 inputs"
+        what = {"steps": f"{args.steps} bare SGD steps of batch 128",
+                "train": f"ntksap.train.train, {args.epochs} epoch(s) of {args.images} images + 500 test",
+                "prune": f"NTK-SAP, T = {args.iterations}, R = 5, 100 inputs"}[workload]
         print(f"{workload} ({what}):")
         for s in SETTINGS:
             each = ", ".join(f"{r['seconds']:.2f}" for r in runs[s])

@@ -7,7 +7,7 @@ every step) arrive as new pages and each page costs a fault on first touch: abou
 a second of ResNet-20 training on the 2-core development CPU. :func:`keep_freed_memory` sets
 two glibc parameters (``mallopt``) so that blocks up to 32 MiB come from the heap and freed
 memory stays there for the next step. Only the speed changes (there, ``python
-benchmarks/allocator_speed.py``: bare training steps 1.21x, the trainer 1.08x, NTK-SAP scoring
+benchmarks/allocator_speed.py``: bare training steps 1.15-1.21x, the trainer 1.08x, NTK-SAP scoring
 1.05x), never a result: the arithmetic is the same. The price is that the process keeps its peak heap until it exits,
 which is why the library leaves the choice to the process: the pipeline's notebooks
 (:func:`ntksap.notebook.setup`), their worker processes and ``ntksap.distributed`` call it;
