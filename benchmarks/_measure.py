@@ -63,3 +63,22 @@ def run_isolated(script: str, variant: str, extra_args: list[str]) -> dict:
     out = subprocess.run([sys.executable, script, "--only", variant, *extra_args], check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+ALLOCATORS = ("default", "kept")
+
+
+def add_allocator_option(ap, who: str) -> None:
+    """``--allocator default|kept`` on the argparse parser ``ap``; ``who``: what it applies to."""
+    ap.add_argument("--allocator", choices=ALLOCATORS, default="default",
+                    help=f"glibc malloc for {who}: its defaults, or freed memory kept "
+                         "(ntksap.allocator.keep_freed_memory, as the pipeline's processes run)")
+
+
+def use_allocator(choice: str) -> None:
+    """Apply ``--allocator``'s ``choice`` to this process: ``kept`` calls
+    :func:`ntksap.allocator.keep_freed_memory`, and exits where it cannot take (not glibc)."""
+    from ntksap.allocator import keep_freed_memory
+
+    if choice == "kept" and not keep_freed_memory():
+        raise SystemExit("--allocator=kept: keep_freed_memory() did not take here (the C library is not glibc)")

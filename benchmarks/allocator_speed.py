@@ -24,7 +24,6 @@ the medians.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import resource
 import statistics
@@ -39,13 +38,6 @@ WORKLOADS = ("steps", "train", "prune")
 SETTINGS = ("default", "kept")
 
 
-def _digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def measure_one(workload: str, setting: str, args) -> dict:
     """One workload in this (fresh) process under one allocator setting."""
     from ntksap import allocator
@@ -56,6 +48,7 @@ def measure_one(workload: str, setting: str, args) -> dict:
     import ntksap
     from ntksap import build_model, data, train
     from ntksap.devices import channels_last_is_safe
+    from ntksap.hashing import tensor_digest
     from ntksap.protocol import protocol
 
     torch.manual_seed(0)
@@ -74,7 +67,7 @@ def measure_one(workload: str, setting: str, args) -> dict:
                 opt.zero_grad(set_to_none=True)
                 torch.nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
-            return list(model.parameters())
+            return model.state_dict()
 
         work(3)  # warm-up steps, untimed
     elif workload == "train":
@@ -89,12 +82,12 @@ def measure_one(workload: str, setting: str, args) -> dict:
         def work():
             with tempfile.TemporaryDirectory() as out:
                 train.train(model, None, bundle, config, out, seed=0, device="cpu", progress=False)
-            return list(model.parameters())
+            return model.state_dict()
     else:
         def work():
             masks = ntksap.prune(model, "ntksap", 0.8926, input_shape=(3, 32, 32), iterations=args.iterations,
                                  rounds=5, num_samples=100, progress=False, apply=False)
-            return [masks[n] for n in sorted(masks)]
+            return masks
 
         work()  # a first run, untimed (the trainer is timed from its start, as a train stage runs it)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -102,7 +95,7 @@ def measure_one(workload: str, setting: str, args) -> dict:
     out = work()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
-            "applied": applied, "digest": _digest(out)}
+            "applied": applied, "digest": tensor_digest(out)}
 
 
 def main(argv=None) -> int:

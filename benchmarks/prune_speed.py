@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from _measure import measure, run_isolated  # noqa: E402
+from _measure import add_allocator_option, measure, run_isolated, use_allocator  # noqa: E402
 
 
 VARIANTS = ("ours", "two_pass", "reference", "authors", "floor")
@@ -87,11 +87,7 @@ def _authors_masks(args, model, settings) -> dict:
 
 
 def run_variant(variant: str, args) -> dict:
-    if args.allocator == "kept":  # this variant's own process, as every other variant's
-        from ntksap.allocator import keep_freed_memory
-
-        if not keep_freed_memory():
-            raise SystemExit("--allocator=kept: keep_freed_memory() did not take here (the C library is not glibc)")
+    use_allocator(args.allocator)  # in this variant's own process, as in every other variant's
     import ntksap
     from ntksap.models import kaiming_init
     from reference import ntksap_reference
@@ -137,9 +133,7 @@ def main() -> None:
     ap.add_argument("--authors", default=None, help="a checkout of the authors' repository: also time their code")
     ap.add_argument("--variants", default=None,
                     help=f"comma-separated subset of {','.join(VARIANTS)} (default: all that can run)")
-    ap.add_argument("--allocator", choices=["default", "kept"], default="default",
-                    help="glibc malloc in every variant's process alike: its defaults, or freed memory kept "
-                         "(ntksap.allocator.keep_freed_memory, as the pipeline's processes run)")
+    add_allocator_option(ap, "every variant's process alike")
     ap.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:

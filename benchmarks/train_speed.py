@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _measure import add_allocator_option, use_allocator
 from ntksap import build_model, data, train
-from ntksap.allocator import keep_freed_memory
 from ntksap.devices import channels_last_is_safe, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,12 +120,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per set-up (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    ap.add_argument("--allocator", choices=["default", "kept"], default="default",
-                    help="glibc malloc for the whole process, both pipelines alike: its defaults, or freed "
-                         "memory kept (ntksap.allocator.keep_freed_memory, as the pipeline's processes run)")
+    add_allocator_option(ap, "the whole process, both pipelines alike")
     args = ap.parse_args(argv)
-    if args.allocator == "kept" and not keep_freed_memory():
-        raise SystemExit("--allocator=kept: keep_freed_memory() did not take here (the C library is not glibc)")
+    use_allocator(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
